@@ -1,0 +1,68 @@
+# tradebalancer: `make demo` and `make test` do all the set-up on a fresh Debian 12 machine.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+# Debian packages the build, the tests and the VM test need (installed once, only if missing).
+APT_PACKAGES := python3 python3-venv python3-dev gcc libcap-dev \
+	qemu-system-x86 qemu-utils debootstrap \
+	debhelper dpkg-dev fakeroot lintian openssl ca-certificates systemd
+
+.PHONY: all deps venv demo test check lint typecheck unit e2e bench deb clean
+
+all: test
+
+deps: $(VENV)/.deps-stamp
+$(VENV)/.deps-stamp:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+	@mkdir -p $(VENV) && touch $@
+
+venv: $(VENV)/.venv-stamp
+$(VENV)/.venv-stamp: pyproject.toml $(VENV)/.deps-stamp
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@# Coverage follows the balancer and its workers into their own processes.
+	echo 'import coverage; coverage.process_startup()' > \
+		"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/tradebalancer-coverage.pth"
+	@touch $@
+
+demo: venv
+	@PY=$(PY) sh examples/demo.sh
+
+lint: venv
+	$(VENV)/bin/ruff format --check tradebalancer tests
+	$(VENV)/bin/ruff check tradebalancer tests
+
+typecheck: venv
+	$(VENV)/bin/mypy --strict tradebalancer
+
+# Every test, the VM test included; coverage with branches over the package.
+test: venv lint typecheck
+	rm -f .coverage .coverage.*
+	COVERAGE_PROCESS_START=$(CURDIR)/pyproject.toml $(VENV)/bin/coverage run -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/coverage combine -q
+	$(VENV)/bin/coverage report --fail-under=0 | tail -n 1
+
+unit: venv
+	$(VENV)/bin/pytest -m 'not vm' $(PYTEST_ARGS)
+
+e2e: venv
+	$(VENV)/bin/pytest -m vm $(PYTEST_ARGS)
+
+bench: venv
+	$(PY) -m bench $(BENCH_ARGS)
+
+deb: venv
+	sh packaging/build-deb.sh
+
+clean:
+	rm -rf build dist packaging/out .coverage .coverage.* .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The benchmark of tradebalancer (``make bench``) and its verifying sink worker."""

@@ -1,0 +1,95 @@
+"""Pipes: sizing, non-blocking writes, ordered backlogs, end of file for readers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tradebalancer.pipes import Pipe, close_pipes, format_size, open_pipes, pipe_max_size
+
+
+@pytest.fixture
+def pipes() -> list[Pipe]:
+    opened = open_pipes(2, 65536)
+    yield opened
+    close_pipes(opened)
+
+
+def read_all(fd: int) -> bytes:
+    os.set_blocking(fd, False)
+    chunks = []
+    try:
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+    except BlockingIOError:
+        pass
+    return b"".join(chunks)
+
+
+def test_pipes_get_the_size_asked_for(pipes: list[Pipe]) -> None:
+    """F_SETPIPE_SZ grants a size the kernel allows, and the pipe reports it."""
+    assert [pipe.size for pipe in pipes] == [65536, 65536]
+    assert [pipe.index for pipe in pipes] == [0, 1]
+
+
+def test_a_size_past_the_limit_is_halved_until_granted() -> None:
+    """Asking for more than fs.pipe-max-size still yields a working pipe."""
+    limit = pipe_max_size()
+    opened = open_pipes(1, limit * 8)
+    try:
+        assert 65536 <= opened[0].size <= limit or os.geteuid() == 0
+    finally:
+        close_pipes(opened)
+
+
+def test_a_full_pipe_queues_the_rest_in_order_and_flush_delivers_it(pipes: list[Pipe]) -> None:
+    """Writes never block: the excess waits in the backlog and arrives after, in order."""
+    pipe = pipes[0]
+    data = bytes(range(256)) * 1024  # 256 KiB into a 64 KiB pipe
+    left = pipe.write(data)
+    assert 0 < left < len(data)
+    assert pipe.write(b"tail") == left + 4
+    received = read_all(pipe.read_fd)
+    while pipe.flush():
+        received += read_all(pipe.read_fd)
+    received += read_all(pipe.read_fd)
+    assert received == data + b"tail"
+    assert pipe.backlog_bytes == 0
+    assert pipe.bytes_written == len(data) + 4
+
+
+def test_unread_bytes_counts_what_sits_in_the_pipe(pipes: list[Pipe]) -> None:
+    """FIONREAD on the kept read end tells how much a worker has not read yet."""
+    pipes[1].write(b"x" * 1000)
+    assert pipes[1].unread_bytes() == 1000
+
+
+def test_closing_gives_readers_end_of_file_after_the_data() -> None:
+    """A worker holding a duplicate read end reads the data, then end of file."""
+    pipe = open_pipes(1, 65536)[0]
+    worker_end = os.dup(pipe.read_fd)
+    pipe.write(b"last words")
+    pipe.close()
+    pipe.close()  # idempotent
+    assert os.read(worker_end, 100) == b"last words"
+    assert os.read(worker_end, 100) == b""
+    os.close(worker_end)
+
+
+def test_pipe_max_size_reads_proc(tmp_path: Path) -> None:
+    """The limit comes from fs.pipe-max-size, with the kernel default if unreadable."""
+    path = tmp_path / "pipe-max-size"
+    path.write_text("2147483648\n")
+    assert pipe_max_size(path) == 2147483648
+    assert pipe_max_size(tmp_path / "missing") == 1 << 20
+
+
+@pytest.mark.parametrize(
+    ("size", "text"),
+    [(512, "512 B"), (65536, "64 KiB"), (1 << 20, "1 MiB"), (3 << 29, "1.5 GiB")],
+)
+def test_format_size(size: int, text: str) -> None:
+    """Sizes are shown in binary units."""
+    assert format_size(size) == text

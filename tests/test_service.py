@@ -1,0 +1,316 @@
+"""The whole balancer as a user runs it: replay feed -> `tradebalancer run` -> worker processes.
+
+Real parts only: the replay feed on 127.0.0.1 (ws, and wss with a test CA), the balancer as a
+child process, its real pipes and real worker processes (bench/sink.py, which records every
+message it reads). Every test counts and compares every event against the source.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+from tlsca import make_ca, make_wrong_host_cert
+
+from tradebalancer import synth
+from tradebalancer.replay import ReplayOptions, ReplayServer
+from tradebalancer.routing import pipe_for
+
+REPO = Path(__file__).resolve().parent.parent
+SINK = REPO / "bench" / "sink.py"
+KEY = "test-key-1234"
+
+
+def expected_streams(events: int, seed: int, pipes: int) -> dict[int, list[bytes]]:
+    """What each pipe must carry, from the source frames and an independent splitter."""
+    streams: dict[int, list[bytes]] = {p: [] for p in range(pipes)}
+    for frame in synth.generate_frames(seed=seed, count_events=events):
+        for event in synth.split_events(frame):
+            symbol = orjson.loads(event)["sym"]
+            streams[pipe_for(symbol.encode(), pipes)].append(event)
+    return streams
+
+
+def read_records(directory: Path, pipe: int) -> list[bytes]:
+    path = directory / f"pipe-{pipe}.bin"
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    messages, offset = [], 0
+    while offset + 4 <= len(data):
+        length = int.from_bytes(data[offset : offset + 4], "little")
+        messages.append(data[offset + 4 : offset + 4 + length])
+        offset += 4 + length
+    return messages
+
+
+class Balancer:
+    """`tradebalancer run feed` as a child process, with its config and log in tmp_path."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        url: str,
+        *,
+        pipes: int = 4,
+        workers: int = 2,
+        extra: str = "",
+        sink_args: str = "",
+        key: str = KEY,
+    ) -> None:
+        self.tmp_path = tmp_path
+        self.records = tmp_path / "records"
+        self.log = tmp_path / "balancer.log"
+        sink = (
+            f'["{{{{ python }}}}", "{SINK}", "--pipes", "{{{{ pipes | join(\',\') }}}}", '
+            f'"--pipe-count", "{{{{ pipe_count }}}}", "--report", '
+            f'"{{{{ workdir }}}}/report-{{{{ worker }}}}.json", "--record", "{self.records}"'
+            f"{sink_args}]"
+        )
+        config = tmp_path / "tradebalancer.toml"
+        config.write_text(
+            f"""
+[feeds.feed]
+url = "{url}"
+subscribe = ["T.*"]
+api_key_file = ""
+pipes = {pipes}
+workers = {workers}
+pipe_size = 65536
+working_directory = "{tmp_path}"
+command = {sink}
+stats_interval = 0.5
+reconnect.initial = 0.05
+reconnect.max = 0.2
+worker_restart.initial = 0.05
+{extra}
+"""
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MASSIVE", "POLYGON"))}
+        env["MASSIVE_API_KEY"] = key
+        env["PYTHONPATH"] = str(REPO)
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tradebalancer", "--config", str(config), "run", "feed"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, predicate: object, timeout: float = 60.0, what: str = "") -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():  # type: ignore[operator]
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f"balancer exited {self.process.returncode}:\n{self.log_text()}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}:\n{self.log_text()[-4000:]}")
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise AssertionError(f"balancer did not stop:\n{self.log_text()}") from None
+
+
+@pytest.fixture
+def balancers() -> Iterator[list[Balancer]]:
+    started: list[Balancer] = []
+    yield started
+    for balancer in started:
+        if balancer.process.poll() is None:
+            balancer.process.kill()
+            balancer.process.wait()
+
+
+def delivered(balancer: Balancer, pipes: int) -> int:
+    return sum(len(read_records(balancer.records, p)) for p in range(pipes))
+
+
+def assert_every_event_once(balancer: Balancer, expected: dict[int, list[bytes]]) -> None:
+    for pipe, events in expected.items():
+        got = read_records(balancer.records, pipe)
+        assert len(got) == len(events), f"pipe {pipe}: {len(got)} events, expected {len(events)}"
+        assert got == events, f"pipe {pipe}: events differ or are out of order"
+
+
+@pytest.mark.timeout(180)
+def test_wss_every_event_once_in_order_across_a_disconnect_mid_frame(
+    tmp_path: Path, balancers: list[Balancer]
+) -> None:
+    """Over wss, across a server cut mid-frame, every event arrives once, in order, on its pipe."""
+    ca, cert, key = make_ca(tmp_path)
+    events, seed, pipes = 30_000, 7, 4
+    options = ReplayOptions(
+        certfile=str(cert),
+        keyfile=str(key),
+        accept_keys=frozenset({KEY}),
+        events=events,
+        seed=seed,
+        disconnect_after=11_000,
+        ping_interval=0.5,
+    )
+    with ReplayServer(options) as server:
+        url = server.url.replace("127.0.0.1", "localhost")
+        balancer = Balancer(tmp_path, url, pipes=pipes, extra=f'ca_file = "{ca}"')
+        balancers.append(balancer)
+        balancer.wait_for(lambda: delivered(balancer, pipes) >= events, what="every event")
+        assert balancer.stop() == 0
+        assert server.stats.forced_disconnects == 1
+    log = balancer.log_text()
+    assert_every_event_once(balancer, expected_streams(events, seed, pipes))
+    assert log.count("authenticated; subscribing") >= 2
+    assert "reconnecting in" in log
+    assert "TLS: user" in log
+    assert "kernel TLS not used" in log  # this kernel has no tls module: one warning says why
+    assert KEY not in log
+
+
+@pytest.mark.timeout(180)
+def test_ws_fragmented_messages_and_a_worker_crash_lose_nothing_in_the_pipes(
+    tmp_path: Path, balancers: list[Balancer]
+) -> None:
+    """A crashed worker is restarted on its pipes, which still hold every event it had not read."""
+    events, seed, pipes = 30_000, 11, 4
+    marker = tmp_path / "crashed"
+    options = ReplayOptions(accept_keys=frozenset({KEY}), events=events, seed=seed, fragment=True)
+    with ReplayServer(options) as server:
+        balancer = Balancer(
+            tmp_path,
+            server.url,
+            pipes=pipes,
+            sink_args=(
+                ', "--crash-after={{ 3000 if worker == 0 else 0 }}", '
+                f'"--crash-once", "{marker}"'
+            ),
+        )
+        balancers.append(balancer)
+        expected = expected_streams(events, seed, pipes)
+        lost_at_most = 2  # worker 0 may die holding the head of one message on each of its pipes
+
+        balancer.wait_for(
+            lambda: delivered(balancer, pipes) >= events - lost_at_most and marker.exists(),
+            what="every event after the crash",
+        )
+        time.sleep(0.5)
+        assert balancer.stop() == 0
+    log = balancer.log_text()
+    assert "worker 0 (pid" in log and "exited with status 1; restarting it" in log
+    assert "worker 0 restarted" in log
+    for pipe, events_of_pipe in expected.items():
+        got = read_records(balancer.records, pipe)
+        skipped_file = balancer.records / f"skipped-{pipe}.bin"
+        skipped = skipped_file.read_bytes() if skipped_file.exists() else b""
+        if got == events_of_pipe:
+            assert skipped == b""
+            continue
+        # Exactly one message is missing: the one the dead worker had begun to read. Its
+        # successor skipped precisely the rest of it, to the next boundary.
+        assert len(got) == len(events_of_pipe) - 1, f"pipe {pipe}"
+        index = next(
+            (i for i, (a, b) in enumerate(zip(got, events_of_pipe, strict=False)) if a != b),
+            len(got),
+        )
+        assert got == events_of_pipe[:index] + events_of_pipe[index + 1 :]
+        missing = events_of_pipe[index]
+        framed = len(missing).to_bytes(4, "little") + missing
+        assert skipped and framed.endswith(skipped) and skipped != framed
+
+
+@pytest.mark.timeout(60)
+def test_auth_failure_exits_77_without_a_reconnect_loop(
+    tmp_path: Path, balancers: list[Balancer]
+) -> None:
+    """A refused API key stops the service with exit code 77 after one attempt."""
+    options = ReplayOptions(accept_keys=frozenset({KEY}), events=100)
+    with ReplayServer(options) as server:
+        balancer = Balancer(tmp_path, server.url, key="wrong-key")
+        balancers.append(balancer)
+        assert balancer.process.wait(30) == 77
+        assert server.stats.auth_failures == 1
+    log = balancer.log_text()
+    assert "refused the API key" in log
+    assert "wrong-key" not in log
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("problem", ["unknown CA", "wrong host"])
+def test_a_certificate_that_does_not_verify_is_refused(
+    tmp_path: Path, balancers: list[Balancer], problem: str
+) -> None:
+    """An untrusted CA or a certificate for another host is refused, logged, never used."""
+    ca, cert, key = make_ca(tmp_path)
+    extra = f'ca_file = "{ca}"'
+    if problem == "wrong host":
+        cert, key = make_wrong_host_cert(tmp_path)
+    else:
+        extra = ""  # the system store does not know the test CA
+    options = ReplayOptions(certfile=str(cert), keyfile=str(key), events=100)
+    with ReplayServer(options) as server:
+        url = server.url.replace("127.0.0.1", "localhost")
+        balancer = Balancer(tmp_path, url, extra=extra)
+        balancers.append(balancer)
+        balancer.wait_for(lambda: "cannot connect" in balancer.log_text(), what="the refusal")
+        assert server.stats.events_sent == 0
+        assert balancer.stop() == 0
+    log = balancer.log_text()
+    assert "certificate" in log or "hostname" in log
+
+
+@pytest.mark.timeout(120)
+def test_a_slow_worker_causes_backpressure_not_loss(
+    tmp_path: Path, balancers: list[Balancer]
+) -> None:
+    """Past the backlog limit the balancer stops reading, says who is behind, loses nothing."""
+    events, seed, pipes = 20_000, 5, 2
+    options = ReplayOptions(accept_keys=frozenset({KEY}), events=events, seed=seed)
+    with ReplayServer(options) as server:
+        balancer = Balancer(
+            tmp_path,
+            server.url,
+            pipes=pipes,
+            workers=2,
+            extra="backlog_limit = 65536\nbatch_bytes = 65536",
+            sink_args=', "--delay={{ 0.05 if worker == 1 else 0 }}"',
+        )
+        balancers.append(balancer)
+        balancer.wait_for(lambda: delivered(balancer, pipes) >= events, what="every event")
+        assert balancer.stop() == 0
+    log = balancer.log_text()
+    assert "backpressure:" in log and "worker 1 is behind" in log
+    assert_every_event_once(balancer, expected_streams(events, seed, pipes))
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_flushes_and_workers_see_end_of_file(
+    tmp_path: Path, balancers: list[Balancer]
+) -> None:
+    """On SIGTERM the workers get every event already received, then end of file, and exit 0."""
+    options = ReplayOptions(accept_keys=frozenset({KEY}), rate=20_000)
+    with ReplayServer(options) as server:
+        balancer = Balancer(tmp_path, server.url)
+        balancers.append(balancer)
+        balancer.wait_for(lambda: delivered(balancer, 4) > 2000, what="streaming")
+        assert balancer.stop() == 0
+    reports = [orjson.loads((tmp_path / f"report-{w}.json").read_bytes()) for w in range(2)]
+    total = sum(p["count"] for r in reports for p in r["pipes"].values())
+    assert total == delivered(balancer, 4) > 2000
+    log = balancer.log_text()
+    assert "SIGTERM received: stopping" in log
+    assert "stopped:" in log
+    assert "worker 0 exited with status 0" in log and "worker 1 exited with status 0" in log

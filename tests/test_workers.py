@@ -1,0 +1,206 @@
+"""Workers: exact descriptors, clean environment, death signal, reaping and respawning."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tradebalancer.errors import WorkerError
+from tradebalancer.pipes import close_pipes, open_pipes
+from tradebalancer.workers import (
+    Worker,
+    WorkerPool,
+    clean_environment,
+    describe_status,
+    spawn,
+)
+
+# A worker that reports what it was given, then reads its pipes to the end.
+REPORTER = r"""
+import json, os, sys, prctl
+fds = [int(a) for a in sys.argv[1:]]
+report = {
+    "fds": fds,
+    "open": sorted(int(f) for f in os.listdir("/proc/self/fd")),
+    "cwd": os.getcwd(),
+    "env": sorted(os.environ),
+    "pdeathsig": prctl.get_pdeathsig(),
+    "own_group": os.getpgid(0) == os.getpid(),
+    "data": [],
+}
+for fd in fds:
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    report["data"].append(b"".join(chunks).decode())
+with open("report.json", "w") as f:
+    json.dump(report, f)
+"""
+
+
+def wait_exit(pid: int, timeout: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.01)
+    raise AssertionError("worker did not exit")
+
+
+def test_worker_gets_exactly_its_pipes_as_fds_3_and_up(tmp_path: Path) -> None:
+    """The child sees its pipes' read ends at 3, 4, ... and no other descriptor of ours."""
+    pipes = open_pipes(4, 65536)
+    worker = Worker(
+        index=0,
+        argv=[sys.executable, "-c", REPORTER, "3", "4"],
+        read_fds=[pipes[2].read_fd, pipes[0].read_fd],
+        pipe_indexes=[2, 0],
+    )
+    env = clean_environment(
+        {**os.environ, "NOTIFY_SOCKET": "/run/x", "MASSIVE_API_KEY": "k", "MY_KEY": "k"},
+        secrets=["MY_KEY"],
+    )
+    spawn(worker, cwd=str(tmp_path), env=env, now=0.0)
+    assert worker.pid is not None
+    pipes[2].write(b"to pipe two")
+    pipes[0].write(b"to pipe zero")
+    close_pipes(pipes)
+    assert wait_exit(worker.pid) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["data"] == ["to pipe two", "to pipe zero"]
+    # 0-2 are stdio; 3 and 4 the pipes; one more is the listing's own directory handle.
+    assert [fd for fd in report["open"] if fd > 2][:2] == [3, 4]
+    assert len([fd for fd in report["open"] if fd > 4]) <= 1
+    assert report["cwd"] == str(tmp_path)
+    assert report["pdeathsig"] == signal.SIGTERM
+    assert report["own_group"]
+    for name in ("NOTIFY_SOCKET", "MASSIVE_API_KEY", "MY_KEY"):
+        assert name not in report["env"]
+
+
+def test_fds_already_sitting_at_3_and_up_are_moved_without_clobbering(tmp_path: Path) -> None:
+    """Swapping descriptors that already hold the target numbers still maps each pipe right."""
+    saved = [os.dup(3), os.dup(4)] if _is_open(3) and _is_open(4) else []
+    pipes = open_pipes(2, 65536)
+    try:
+        worker = Worker(
+            index=0,
+            argv=[sys.executable, "-c", REPORTER, "3", "4"],
+            read_fds=[pipes[1].read_fd, pipes[0].read_fd],
+            pipe_indexes=[1, 0],
+        )
+        spawn(worker, cwd=str(tmp_path), env=dict(os.environ), now=0.0)
+        pipes[0].write(b"zero")
+        pipes[1].write(b"one")
+        close_pipes(pipes)
+        assert worker.pid is not None and wait_exit(worker.pid) == 0
+        report = json.loads((tmp_path / "report.json").read_text())
+        assert report["data"] == ["one", "zero"]
+    finally:
+        for fd in saved:
+            os.close(fd)
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_a_missing_program_is_a_worker_error(tmp_path: Path) -> None:
+    """exec failing in the child comes back to the parent as a WorkerError naming the program."""
+    worker = Worker(index=3, argv=["/nonexistent/worker"], read_fds=[], pipe_indexes=[])
+    with pytest.raises(WorkerError, match=r"worker 3 \(/nonexistent/worker\).*No such file"):
+        spawn(worker, cwd=str(tmp_path), env={}, now=0.0)
+    assert worker.pid is None
+
+
+def test_a_missing_working_directory_is_a_worker_error(tmp_path: Path) -> None:
+    """A working directory that does not exist is reported, not a silent crash."""
+    worker = Worker(index=0, argv=[sys.executable, "-c", "pass"], read_fds=[], pipe_indexes=[])
+    with pytest.raises(WorkerError, match="No such file"):
+        spawn(worker, cwd=str(tmp_path / "nope"), env={}, now=0.0)
+
+
+def test_dead_workers_are_reaped_and_respawned_with_growing_backoff(tmp_path: Path) -> None:
+    """A worker that keeps dying quickly is restarted after 1, 2, 4 s... capped at the maximum."""
+    exits: list[int] = []
+    worker = Worker(
+        index=0, argv=[sys.executable, "-c", "raise SystemExit(3)"], read_fds=[], pipe_indexes=[]
+    )
+    pool = WorkerPool(
+        [worker],
+        cwd=str(tmp_path),
+        env=dict(os.environ),
+        respawn_initial=1.0,
+        respawn_max=3.0,
+        on_exit=lambda w, status: exits.append(os.WEXITSTATUS(status)),
+    )
+    now = 100.0
+    pool.spawn_all(now)
+    delays = []
+    for _ in range(4):
+        assert worker.pid is not None
+        wait_until_reaped(pool, now)
+        assert worker.respawn_at is not None
+        delays.append(worker.respawn_at - now)
+        pool.respawn_due(worker.respawn_at - 0.01)
+        assert worker.pid is None  # not before its time
+        now = worker.respawn_at
+        pool.respawn_due(now)
+    wait_until_reaped(pool, now)
+    assert delays == [1.0, 2.0, 3.0, 3.0]
+    assert exits == [3, 3, 3, 3, 3]
+    assert pool.restarts == 4 and worker.restarts == 4
+    assert len(worker.history) == 5
+
+
+def wait_until_reaped(pool: WorkerPool, now: float) -> None:
+    deadline = time.monotonic() + 10
+    while not pool.reap(now):
+        assert time.monotonic() < deadline, "worker did not exit"
+        time.sleep(0.01)
+
+
+def test_a_worker_that_lived_long_restarts_the_backoff(tmp_path: Path) -> None:
+    """A death after a healthy run is retried after the initial delay again."""
+    worker = Worker(index=0, argv=[sys.executable, "-c", "pass"], read_fds=[], pipe_indexes=[])
+    worker.quick_deaths = 5
+    pool = WorkerPool([worker], cwd=str(tmp_path), env=dict(os.environ), respawn_initial=1.5)
+    pool.spawn_all(0.0)
+    wait_until_reaped(pool, 1000.0)
+    assert worker.respawn_at == 1001.5
+
+
+def test_signal_all_reaches_running_workers(tmp_path: Path) -> None:
+    """signal_all delivers a signal to each running worker."""
+    worker = Worker(
+        index=0,
+        argv=[sys.executable, "-c", "import time; time.sleep(60)"],
+        read_fds=[],
+        pipe_indexes=[],
+    )
+    pool = WorkerPool([worker], cwd=str(tmp_path), env=dict(os.environ))
+    pool.spawn_all(0.0)
+    pool.signal_all(signal.SIGKILL)
+    wait_until_reaped(pool, 0.0)
+    assert worker.exit_status is not None
+    assert describe_status(worker.exit_status) == "killed by SIGKILL"
+    assert pool.running() == []
+
+
+@pytest.mark.parametrize(
+    ("status", "text"), [(3 << 8, "exited with status 3"), (9, "killed by SIGKILL")]
+)
+def test_describe_status(status: int, text: str) -> None:
+    """Wait statuses read as words."""
+    assert describe_status(status) == text

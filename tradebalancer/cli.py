@@ -1,0 +1,148 @@
+"""The command line: arguments in, exit codes out. Holds no logic of its own.
+
+    tradebalancer [--config FILE] check-config [--require-key] [NAME ...]
+    tradebalancer [--config FILE] run NAME
+    tradebalancer replay [...]            the local replay feed (see ``replay --help``)
+
+Exit codes (documented in README and the man page; the systemd unit depends on them):
+0 ok, 1 bug, 64 usage, 69 kernel TLS required but unavailable, 71 pipes/workers could not be
+set up, 77 the feed refused the API key, 78 configuration error or no API key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from . import __version__, command, config, replay
+from .errors import ConfigError, ExitCode, TradeBalancerError
+from .systemd import Notifier, configure_logging
+
+logger = logging.getLogger("tradebalancer")
+
+_EPILOG = """\
+exit codes: 0 ok, 1 internal error, 64 usage, 69 kernel TLS required but unavailable,
+71 pipes or workers could not be set up, 77 the feed refused the API key,
+78 configuration error or no API key.
+
+The configuration file is %(default)s unless --config or TRADEBALANCER_CONFIG says otherwise.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the parser for every command."""
+    default_config = os.environ.get("TRADEBALANCER_CONFIG", str(config.DEFAULT_PATH))
+    parser = argparse.ArgumentParser(
+        prog="tradebalancer",
+        description=(
+            "Load-balance the Massive (Polygon.io) real-time websocket feed by symbol over "
+            "pipes to worker processes."
+        ),
+        epilog=_EPILOG % {"default": default_config},
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=default_config,
+        help=f"the configuration file (default: {default_config})",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    check = commands.add_parser(
+        "check-config",
+        help="validate the configuration file (exit 0, or 78 with the reason)",
+        description=(
+            "Validate the configuration: every key, and every worker command template rendered "
+            "for every worker. With --require-key, also check that the API key can be found "
+            "(the systemd unit runs this before starting the service)."
+        ),
+    )
+    check.add_argument("names", nargs="*", metavar="NAME", help="feeds to check (default: all)")
+    check.add_argument(
+        "--require-key", action="store_true", help="fail (78) if the API key cannot be found"
+    )
+
+    run = commands.add_parser(
+        "run",
+        help="run one feed instance (what tradebalancer@NAME.service runs)",
+        description=(
+            "Connect to the feed of [feeds.NAME], start its workers, and forward every event "
+            "to its pipe until SIGTERM or SIGINT."
+        ),
+    )
+    run.add_argument("name", metavar="NAME", help="the feed instance: a [feeds.NAME] table")
+
+    replay_parser = commands.add_parser(
+        "replay",
+        help="serve a local replay feed (recorded or synthetic) for demos and tests",
+        description=replay.__doc__.split("\n\n")[0] if replay.__doc__ else None,
+    )
+    replay.build_parser(replay_parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tradebalancer`` command; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(verbose=args.verbose)
+    try:
+        if args.command == "check-config":
+            return check_config(args.config, args.names, require_key=args.require_key)
+        if args.command == "run":
+            return run(args.config, args.name)
+        return int(replay.run(args))
+    except TradeBalancerError as exc:
+        sys.stderr.write(f"tradebalancer: {exc}\n")
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        return int(ExitCode.OK)
+
+
+def check_config(path: str, names: Sequence[str], *, require_key: bool) -> int:
+    """Validate the file and the named feeds (all if none); print a summary of each."""
+    loaded = config.load(path)
+    feeds = [loaded.feed(name) for name in names] if names else list(loaded.feeds.values())
+    if not feeds:
+        raise ConfigError("feeds", f"{path} defines no [feeds.NAME] table; add one")
+    for feed in feeds:
+        key_source = "not checked"
+        try:
+            config.resolve_api_key(feed, os.environ)
+            key_source = config.describe_api_key_source(feed, os.environ)
+        except ConfigError:
+            if require_key:
+                raise
+            key_source = "not found here (the unit loads it as a credential)"
+        workdir = command.working_directory(feed, os.environ)
+        sys.stdout.write(
+            f"feeds.{feed.name}: ok: {feed.url}, subscribe {','.join(feed.subscribe)}, "
+            f"{feed.pipes} pipes, {feed.workers} workers, TLS {feed.tls}, API key {key_source}\n"
+        )
+        for worker in range(feed.workers):
+            argv = " ".join(command.argv_for(feed, worker, workdir))
+            sys.stdout.write(f"  worker {worker}: {argv}\n")
+    return int(ExitCode.OK)
+
+
+def run(path: str, name: str) -> int:
+    """Run feed ``name`` of the file at ``path`` until it stops; return the exit code."""
+    from .service import Service
+
+    feed = config.load(path).feed(name)
+    api_key = config.resolve_api_key(feed, os.environ)
+    logger.info(
+        "tradebalancer %s starting feed %s: %s, API key from %s",
+        __version__,
+        name,
+        feed.url,
+        config.describe_api_key_source(feed, os.environ),
+    )
+    service = Service(feed, api_key, notifier=Notifier())
+    return service.run()

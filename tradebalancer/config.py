@@ -1,0 +1,520 @@
+"""The configuration file: TOML in, frozen dataclasses out, or a ConfigError naming the key.
+
+Owns the meaning of every key of ``/etc/tradebalancer.toml`` (``etc/tradebalancer.toml`` in
+the source tree documents each one), its default and its validation, and where the API key
+comes from. Reads the configuration file and, when asked, the API key file; otherwise only
+checks that ``ca_file`` exists.
+
+The file holds one ``[feeds.NAME]`` table per feed instance (``tradebalancer@NAME`` under
+systemd) and an optional ``[defaults]`` table whose keys every feed inherits unless it sets
+them itself; sub-tables (``reconnect``, ``worker_restart``, ``route_keys``) merge key by key.
+Every error names the key path where the value was written ("feeds.stocks.pipes",
+"defaults.reconnect.max"), what was expected and what was found. Unknown keys are errors, with
+the nearest known key suggested: a misspelt key silently falling back to its default is the
+worst kind of configuration bug. The API key is never stored here, never logged and never put
+in a message.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from types import MappingProxyType
+from typing import Literal, TypeVar
+from urllib.parse import urlsplit
+
+from .command import (
+    CommandTemplate,
+    argv_for,
+    check_variables,
+    compile_command,
+    expand_variables,
+    unset_variables,
+)
+from .errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/tradebalancer.toml")
+DEFAULT_URL = "wss://socket.massive.com/stocks"
+DEFAULT_API_KEY_FILE = "${CREDENTIALS_DIRECTORY}/api-key"
+DEFAULT_API_KEY_ENV = ("MASSIVE_API_KEY", "POLYGON_API_KEY")
+MAX_PIPES = 4096
+
+# The field that names an event's symbol, by event type ("ev"): all events of one key go to the
+# same pipe, so one worker sees every trade of a symbol, in order.
+DEFAULT_ROUTE_KEYS: Mapping[str, str] = MappingProxyType(
+    {
+        **dict.fromkeys(("T", "Q", "A", "AM", "FMV"), "sym"),
+        **dict.fromkeys(("LULD", "NOI", "V"), "T"),
+        **dict.fromkeys(("CA", "CAS", "XA", "XAS", "XT", "XQ", "XL2"), "pair"),
+        "C": "p",
+    }
+)
+DEFAULT_ROUTE_KEY = "sym"
+
+_FEED_NAME = re.compile(r"[A-Za-z0-9_-]+")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_CHANNEL = re.compile(r"[^,\s]+")  # the subscribe message joins channels with commas
+_TOML_POSITION = re.compile(r"^(?P<reason>.*) \(at line (?P<line>\d+), column (?P<column>\d+)\)$")
+_Values = dict[str, tuple[object, str]]  # flat key ("reconnect.max") -> (value, key path)
+_Choice = TypeVar("_Choice", bound=str)
+_TLS_MODES: tuple[Literal["auto", "kernel", "user"], ...] = ("auto", "kernel", "user")
+_PASS_FDS: tuple[Literal["append", "none"], ...] = ("append", "none")
+
+
+@dataclass(frozen=True)
+class ReconnectConfig:
+    """How the feed connection is retried: jittered exponential backoff, in seconds."""
+
+    initial: float = 1.0
+    max: float = 60.0
+    multiplier: float = 2.0
+    jitter: float = 0.5  # each delay is shortened by up to this fraction, at random
+    healthy_after: float = 30.0  # the backoff starts over only after this long streaming
+    max_connections_cooldown: float = 300.0  # the wait after a "max_connections" status
+
+
+@dataclass(frozen=True)
+class RestartConfig:
+    """How a dead worker is respawned: exponential backoff, in seconds."""
+
+    initial: float = 1.0
+    max: float = 30.0
+
+
+@dataclass(frozen=True)
+class FeedConfig:
+    """One ``[feeds.NAME]`` table, validated, with every default filled in."""
+
+    name: str
+    url: str
+    host: str
+    port: int
+    path: str  # the request target: path and query
+    secure: bool  # wss://
+    subscribe: tuple[str, ...]
+    api_key_file: str  # "" when disabled; ${VAR} still unexpanded
+    api_key_env: tuple[str, ...]
+    pipes: int
+    pipe_size: int | Literal["max"]
+    workers: int
+    working_directory: str | None  # None: $STATE_DIRECTORY if set, else "."
+    command: CommandTemplate
+    pass_fds: Literal["append", "none"]
+    tls: Literal["auto", "kernel", "user"]
+    ca_file: str | None
+    server_hostname: str | None
+    connect_timeout: float
+    ping_interval: float
+    ping_timeout: float
+    max_message_size: int
+    reconnect: ReconnectConfig
+    worker_restart: RestartConfig
+    backlog_limit: int
+    batch_bytes: int
+    stats_interval: float
+    route_keys: Mapping[str, str]
+    route_key_default: str
+
+
+# The keys a feed table may hold: every field but those derived from the name and the url.
+_FEED_KEYS = frozenset(field.name for field in fields(FeedConfig)) - {
+    *("name", "host", "port", "path", "secure")
+}
+_SUBTABLES: Mapping[str, frozenset[str] | None] = {
+    "reconnect": frozenset(field.name for field in fields(ReconnectConfig)),
+    "worker_restart": frozenset(field.name for field in fields(RestartConfig)),
+    "route_keys": None,  # any event type
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole file: its feeds by name, and where it was read from."""
+
+    feeds: Mapping[str, FeedConfig]
+    path: str
+
+    def feed(self, name: str) -> FeedConfig:
+        """Return feed ``name``; raise ConfigError listing the defined feeds if there is none."""
+        try:
+            return self.feeds[name]
+        except KeyError:
+            defined = ", ".join(sorted(self.feeds)) or "none"
+            raise ConfigError(
+                f"feeds.{name}", f"no [feeds.{name}] table in {self.path}; defined feeds: {defined}"
+            ) from None
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate the file at ``path``; raise ConfigError saying what is wrong where."""
+    where = os.fspath(path)
+    try:
+        text = Path(where).read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            where, "no such file; choose another with --config FILE or TRADEBALANCER_CONFIG=FILE"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(where, f"cannot read the file: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(where, f"not UTF-8 (TOML must be) at byte {exc.start}") from exc
+    return loads(text, where)
+
+
+def loads(text: str, path: str = "<string>") -> Config:
+    """Validate the TOML ``text``; ``path`` names it in messages and anchors relative paths."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        match = _TOML_POSITION.match(str(exc))
+        if match is None:  # "(at end of document)"
+            raise ConfigError(path, f"invalid TOML at the end of the file: {exc}") from exc
+        raise ConfigError(
+            path,
+            f"line {match['line']}, column {match['column']}: invalid TOML: {match['reason']}",
+        ) from exc
+    for key in document:
+        if key not in ("feeds", "defaults"):
+            raise _unknown_key(key, key, ("feeds", "defaults"))
+    defaults = _table(document.get("defaults", {}), "defaults", "a table ([defaults])")
+    feeds = _table(document.get("feeds", {}), "feeds", "a table of [feeds.NAME] tables")
+    _collect(defaults, {}, "")  # unknown keys in [defaults] are errors even with no feed
+    base = Path(path).parent
+    parsed = {}
+    for name, table in feeds.items():
+        if not _FEED_NAME.fullmatch(name):
+            raise ConfigError(
+                f"feeds.{name}",
+                "a feed name must be letters, digits, _ and - (it names the systemd instance "
+                f"tradebalancer@NAME), got {_describe(name)}",
+            )
+        parsed[name] = _feed(name, _collect(defaults, _table(table, f"feeds.{name}"), name), base)
+    return Config(MappingProxyType(parsed), path)
+
+
+def resolve_api_key(feed: FeedConfig, environ: Mapping[str, str]) -> str:
+    """Return the API key of ``feed``: from ``api_key_file``, else the first ``api_key_env``."""
+    return _find_api_key(feed, environ)[0]
+
+
+def describe_api_key_source(feed: FeedConfig, environ: Mapping[str, str]) -> str:
+    """Say where ``resolve_api_key`` finds the key ("file ...", "environment variable ...")."""
+    return _find_api_key(feed, environ)[1]
+
+
+def _find_api_key(feed: FeedConfig, environ: Mapping[str, str]) -> tuple[str, str]:
+    key_path = f"feeds.{feed.name}.api_key_file"
+    if not feed.api_key_file:
+        looked = "api_key_file is empty"
+    elif unset := unset_variables(feed.api_key_file, environ):
+        looked = f"api_key_file {feed.api_key_file} was not read (${unset[0]} is not set)"
+    else:
+        file = expand_variables(feed.api_key_file, environ, key_path)
+        try:
+            text = Path(file).read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            looked = f"{file} does not exist"
+        except OSError as exc:
+            raise ConfigError(key_path, f"cannot read {file}: {exc.strerror or exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(key_path, f"{file} is not UTF-8 text") from exc
+        else:
+            return _check_key(text, file, key_path), f"file {file}"
+    for name in feed.api_key_env:
+        if environ.get(name, "").strip():
+            env_path = f"feeds.{feed.name}.api_key_env"
+            return _check_key(environ[name], f"${name}", env_path), f"environment variable {name}"
+    if feed.api_key_env:
+        verb = "is" if len(feed.api_key_env) == 1 else "are"
+        env_text = f"{', '.join(feed.api_key_env)} {verb} unset or empty"
+    else:
+        env_text = "api_key_env names no variable"
+    first = feed.api_key_env[0] if feed.api_key_env else "a variable named in api_key_env"
+    raise ConfigError(
+        key_path,
+        f"no API key: {looked}, and {env_text}; put the key in the file api_key_file names "
+        f"(systemd: LoadCredential=api-key:/etc/tradebalancer/{feed.name}.key, as the packaged "
+        f"unit does) or set {first}",
+    )
+
+
+def _check_key(text: str, source: str, key_path: str) -> str:
+    key = text.strip()
+    if not key:
+        raise ConfigError(key_path, f"the API key in {source} is empty")
+    if any(character.isspace() or not character.isprintable() for character in key):
+        raise ConfigError(key_path, f"the API key in {source} has spaces or control characters")
+    return key
+
+
+def _collect(defaults: Mapping[str, object], table: Mapping[str, object], name: str) -> _Values:
+    values: _Values = {}
+    for prefix, source in (("defaults", defaults), (f"feeds.{name}", table)):
+        for key, value in source.items():
+            path = f"{prefix}.{key}"
+            if key not in _FEED_KEYS:
+                raise _unknown_key(path, key, _FEED_KEYS)
+            if key not in _SUBTABLES:
+                values[key] = (value, path)
+                continue
+            allowed = _SUBTABLES[key]
+            for subkey, subvalue in _table(value, path, f"a table ([{prefix}.{key}])").items():
+                if allowed is not None and subkey not in allowed:
+                    raise _unknown_key(f"{path}.{subkey}", subkey, allowed)
+                values[f"{key}.{subkey}"] = (subvalue, f"{path}.{subkey}")
+    return values
+
+
+def _feed(name: str, values: _Values, base: Path) -> FeedConfig:
+    read = _Reader(name, values)
+    url, host, port, target, secure = _url(*read.get("url", DEFAULT_URL))
+    pipes = read.integer("pipes", 16, 1, MAX_PIPES)
+    tls = read.choice("tls", "auto", _TLS_MODES)
+    if tls == "kernel" and not secure:
+        raise ConfigError(read.path("tls"), f'"kernel" needs a wss:// url, got {url}')
+    if "command" not in values:
+        raise ConfigError(
+            read.path("command"),
+            'missing: the worker command is required, e.g. command = ["/usr/bin/worker"]',
+        )
+    command = compile_command(read.strings("command", []), read.path("command"))
+    working_directory = read.optional("working_directory", variables=True)
+    ca_file = read.optional("ca_file")
+    if ca_file is not None:
+        ca_file = str(base / ca_file)  # relative to the configuration file
+        if not os.path.isfile(ca_file):
+            raise ConfigError(
+                read.path("ca_file"),
+                f"must name a PEM CA bundle, got {_describe(ca_file)}, which is not a file",
+            )
+    route_keys = dict(DEFAULT_ROUTE_KEYS)
+    for key, (value, path) in values.items():
+        if key.startswith("route_keys."):
+            route_keys[key.removeprefix("route_keys.")] = _string(value, path, empty=False)
+    backoff, restart = ReconnectConfig(), RestartConfig()  # the defaults
+    reconnect = ReconnectConfig(
+        initial=read.number("reconnect.initial", backoff.initial),
+        max=read.number("reconnect.max", backoff.max),
+        multiplier=read.number("reconnect.multiplier", backoff.multiplier, 1.0, strict=False),
+        jitter=read.number("reconnect.jitter", backoff.jitter, strict=False, maximum=1.0),
+        healthy_after=read.number("reconnect.healthy_after", backoff.healthy_after, strict=False),
+        max_connections_cooldown=read.number(
+            "reconnect.max_connections_cooldown", backoff.max_connections_cooldown, strict=False
+        ),
+    )
+    worker_restart = RestartConfig(
+        initial=read.number("worker_restart.initial", restart.initial),
+        max=read.number("worker_restart.max", restart.max),
+    )
+    for table, policy in (("reconnect", reconnect), ("worker_restart", worker_restart)):
+        if policy.max < policy.initial:
+            raise ConfigError(
+                read.path(f"{table}.max"),
+                f"must be at least {table}.initial ({policy.initial:g}), got {policy.max:g}",
+            )
+    feed = FeedConfig(
+        name=name,
+        url=url,
+        host=host,
+        port=port,
+        path=target,
+        secure=secure,
+        subscribe=tuple(
+            read.strings(
+                "subscribe", ["T.*"], _CHANNEL, "one channel like T.AAPL (no comma, no space)"
+            )
+        ),
+        api_key_file=read.string("api_key_file", DEFAULT_API_KEY_FILE, variables=True),
+        api_key_env=tuple(
+            read.strings(
+                "api_key_env",
+                DEFAULT_API_KEY_ENV,
+                _ENV_NAME,
+                "an environment variable name",
+                empty=True,
+            )
+        ),
+        pipes=pipes,
+        pipe_size=read.pipe_size(),
+        workers=read.integer("workers", min(pipes, _cpu_count()), 1, pipes, " (pipes)"),
+        working_directory=working_directory,
+        command=command,
+        pass_fds=read.choice("pass_fds", "append", _PASS_FDS),
+        tls=tls,
+        ca_file=ca_file,
+        server_hostname=read.optional("server_hostname"),
+        connect_timeout=read.number("connect_timeout", 10.0),
+        ping_interval=read.number("ping_interval", 20.0),
+        ping_timeout=read.number("ping_timeout", 20.0),
+        max_message_size=read.integer("max_message_size", 16 << 20, 65536, None, " (bytes)"),
+        reconnect=reconnect,
+        worker_restart=worker_restart,
+        backlog_limit=read.integer("backlog_limit", 256 << 20, 65536, None, " (bytes)"),
+        batch_bytes=read.integer("batch_bytes", 1 << 20, 4096, 256 << 20, " (bytes)"),
+        stats_interval=read.number("stats_interval", 5.0),
+        route_keys=MappingProxyType(route_keys),
+        route_key_default=read.string("route_key_default", DEFAULT_ROUTE_KEY, empty=False),
+    )
+    # Render every worker's argv now: a bad template fails check-config, not a spawn.
+    for worker in range(feed.workers):
+        argv_for(feed, worker, working_directory or ".")
+    return feed
+
+
+class _Reader:
+    """Reads one feed's merged values by key, each error naming where the value was written."""
+
+    def __init__(self, name: str, values: _Values) -> None:
+        self.name = name
+        self.values = values
+
+    def get(self, key: str, default: object) -> tuple[object, str]:
+        return self.values.get(key, (default, f"feeds.{self.name}.{key}"))
+
+    def path(self, key: str) -> str:
+        return self.get(key, None)[1]
+
+    def integer(self, key: str, default: int, low: int, high: int | None, unit: str = "") -> int:
+        value, path = self.get(key, default)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < low
+            or (high is not None and value > high)
+        ):
+            limits = f"from {low} to {high}" if high is not None else f"of at least {low}"
+            raise ConfigError(path, f"must be an integer {limits}{unit}, got {_describe(value)}")
+        return value
+
+    def number(
+        self,
+        key: str,
+        default: float,
+        low: float = 0.0,
+        *,
+        strict: bool = True,
+        maximum: float | None = None,
+    ) -> float:
+        value, path = self.get(key, default)
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            above = value > low if strict else value >= low
+            if above and (maximum is None or value <= maximum):
+                return float(value)
+        limits = f"{'>' if strict else '>='} {low:g}"
+        if maximum is not None:
+            limits += f" and <= {maximum:g}"
+        raise ConfigError(path, f"must be a number {limits}, got {_describe(value)}")
+
+    def string(self, key: str, default: str, *, empty: bool = True, variables: bool = False) -> str:
+        value, path = self.get(key, default)
+        text = _string(value, path, empty)
+        if variables:
+            check_variables(text, path)
+        return text
+
+    def optional(self, key: str, *, variables: bool = False) -> str | None:
+        if self.get(key, None)[0] is None:
+            return None
+        return self.string(key, "", empty=False, variables=variables)
+
+    def choice(self, key: str, default: _Choice, choices: tuple[_Choice, ...]) -> _Choice:
+        value, path = self.get(key, default)
+        for choice in choices:
+            if value == choice:
+                return choice
+        quoted = ", ".join(f'"{choice}"' for choice in choices)
+        raise ConfigError(path, f"must be one of {quoted}, got {_describe(value)}")
+
+    def strings(
+        self,
+        key: str,
+        default: Sequence[str],
+        pattern: re.Pattern[str] | None = None,
+        what: str = "",
+        *,
+        empty: bool = False,
+    ) -> list[str]:
+        value, path = self.get(key, list(default))
+        if not isinstance(value, list) or (not empty and not value):
+            kind = "an array of strings" if empty else "a non-empty array of strings"
+            raise ConfigError(path, f"must be {kind}, got {_describe(value)}")
+        items = [_string(item, f"{path}[{index}]", False) for index, item in enumerate(value)]
+        for index, item in enumerate(items):
+            if pattern is not None and not pattern.fullmatch(item):
+                raise ConfigError(f"{path}[{index}]", f"must be {what}, got {_describe(item)}")
+        return items
+
+    def pipe_size(self) -> int | Literal["max"]:
+        if self.get("pipe_size", "max")[0] == "max":
+            return "max"
+        return self.integer("pipe_size", 0, 4096, 1 << 31, ' (bytes) or "max"')
+
+
+def _cpu_count() -> int:
+    # The CPUs this process may run on (CPUAffinity=, cgroups' cpusets), not those of the host.
+    return len(os.sched_getaffinity(0)) or os.cpu_count() or 1
+
+
+def _url(value: object, path: str) -> tuple[str, str, int, str, bool]:
+    url = _string(value, path, empty=False)
+    expected = f"must be a ws:// or wss:// URL like {DEFAULT_URL}, got {_describe(url)}"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(path, f"{expected} ({exc})") from exc
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ConfigError(path, expected + ("" if parts.hostname else " (no host)"))
+    if parts.username is not None or parts.password is not None:
+        # Not echoed: what sits there may be a secret. The API key goes in the auth message.
+        raise ConfigError(path, "must not hold a user name or password (the URL is logged)")
+    if parts.fragment:  # RFC 6455 section 3: fragments are meaningless in websocket URIs
+        raise ConfigError(path, f"{expected} (no #fragment)")
+    secure = parts.scheme == "wss"
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return url, parts.hostname, port or (443 if secure else 80), target, secure
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | list):
+        text = json.dumps(value, ensure_ascii=False, default=str)
+        return text if len(text) <= 80 else text[:77] + "..."
+    return f"{value} (a {type(value).__name__})"  # TOML dates and times
+
+
+def _table(value: object, path: str, expected: str = "a table") -> dict[str, object]:
+    if not isinstance(value, dict):
+        raise ConfigError(path, f"must be {expected}, got {_describe(value)}")
+    return value
+
+
+def _string(value: object, path: str, empty: bool = True) -> str:
+    if not isinstance(value, str) or (not empty and not value):
+        kind = "a string" if empty else "a non-empty string"
+        raise ConfigError(path, f"must be {kind}, got {_describe(value)}")
+    return value
+
+
+def _unknown_key(path: str, key: str, known: Sequence[str] | frozenset[str]) -> ConfigError:
+    if key == "api_key":
+        return ConfigError(
+            path,
+            "the API key does not belong in this file: put it in the file api_key_file names "
+            "(systemd: LoadCredential=api-key:...) or in a variable api_key_env names",
+        )
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(sorted(known))}"
+    return ConfigError(path, f"unknown key; {hint}")

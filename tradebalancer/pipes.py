@@ -1,0 +1,162 @@
+"""The pipes to the workers: creating and sizing them, writing without blocking, backlogs.
+
+Owns every pipe's two file descriptors and the bytes not yet accepted by a pipe. The balancer
+keeps each pipe's read end open for the pipe's whole life, so a worker's death never breaks the
+pipe (no EPIPE, no SIGPIPE): the data stays in the pipe for the worker's successor.
+
+Writes never block the event loop. The write end is non-blocking; what a full pipe does not
+take goes to that pipe's backlog in user space, in order, and is written when the pipe becomes
+writable again. One slow worker therefore grows only its own backlog; the service watches the
+total against its limit and stops reading the socket past it (backpressure) instead of dropping.
+
+Knows nothing of events or JSON: it moves bytes that are already framed.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import WorkerError
+
+logger = logging.getLogger(__name__)
+
+PIPE_MAX_SIZE_PATH = Path("/proc/sys/fs/pipe-max-size")
+DEFAULT_PIPE_SIZE = 65536  # the kernel's default, our floor when sizing fails
+
+
+def pipe_max_size(path: Path = PIPE_MAX_SIZE_PATH) -> int:
+    """Return the largest pipe an unprivileged process may ask for (fs.pipe-max-size)."""
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return 1 << 20  # the kernel's default for fs.pipe-max-size
+
+
+class Pipe:
+    """One pipe to a worker: the write end is ours, the read end is kept open for the worker."""
+
+    def __init__(self, index: int, read_fd: int, write_fd: int, size: int) -> None:
+        self.index = index
+        self.read_fd = read_fd
+        self.write_fd = write_fd
+        self.size = size
+        self.backlog: deque[memoryview] = deque()
+        self.backlog_bytes = 0
+        self.bytes_written = 0
+        self.closed = False
+
+    def write(self, data: bytes) -> int:
+        """Write ``data`` now or queue it behind the backlog; return the bytes left queued."""
+        if self.backlog:
+            self.backlog.append(memoryview(data))
+            self.backlog_bytes += len(data)
+            return self.backlog_bytes
+        try:
+            written = os.write(self.write_fd, data)
+        except BlockingIOError:
+            written = 0
+        self.bytes_written += written
+        if written < len(data):
+            rest = memoryview(data)[written:]
+            self.backlog.append(rest)
+            self.backlog_bytes += len(rest)
+        return self.backlog_bytes
+
+    def flush(self) -> int:
+        """Write as much of the backlog as the pipe takes now; return the bytes still queued."""
+        backlog = self.backlog
+        while backlog:
+            chunk = backlog[0]
+            try:
+                written = os.write(self.write_fd, chunk)
+            except BlockingIOError:
+                break
+            self.bytes_written += written
+            self.backlog_bytes -= written
+            if written < len(chunk):
+                backlog[0] = chunk[written:]
+                break
+            backlog.popleft()
+        return self.backlog_bytes
+
+    def unread_bytes(self) -> int:
+        """Return how many bytes sit in the pipe, written and not yet read by a worker."""
+        buffer = bytearray(4)
+        fcntl.ioctl(self.read_fd, _FIONREAD, buffer)
+        return int.from_bytes(buffer, "little")
+
+    def close(self) -> None:
+        """Close both ends; a worker still reading sees end of file after the data."""
+        if not self.closed:
+            self.closed = True
+            os.close(self.write_fd)
+            os.close(self.read_fd)
+
+
+_FIONREAD = 0x541B  # termios.FIONREAD on Linux
+
+
+def open_pipes(count: int, size: int) -> list[Pipe]:
+    """Create ``count`` pipes of about ``size`` bytes, logging the size the kernel granted.
+
+    F_SETPIPE_SZ may grant more than asked (it rounds up to a power-of-two number of pages) or
+    refuse (EPERM past fs.pipe-max-size or the per-user page limits): then halve and retry, and
+    warn, so the service still runs with smaller pipes rather than not at all.
+    """
+    pipes: list[Pipe] = []
+    try:
+        for index in range(count):
+            read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+            os.set_blocking(write_fd, False)
+            pipes.append(Pipe(index, read_fd, write_fd, _set_size(write_fd, size)))
+    except OSError as exc:
+        close_pipes(pipes)
+        raise WorkerError(
+            f"cannot create pipe {len(pipes)} of {count}: {exc.strerror}; "
+            "lower feeds.<name>.pipes or raise the open-file limit (LimitNOFILE=)"
+        ) from exc
+    granted = {pipe.size for pipe in pipes}
+    if granted == {size}:
+        logger.info("%d pipes of %s each", count, format_size(size))
+    else:
+        logger.warning(
+            "%d pipes: asked for %s each, the kernel granted %s; raise fs.pipe-max-size "
+            "(the package's sysctl.d drop-in sets 2 GiB)",
+            count,
+            format_size(size),
+            "/".join(format_size(s) for s in sorted(granted)),
+        )
+    return pipes
+
+
+def _set_size(fd: int, size: int) -> int:
+    wanted = size
+    while wanted >= DEFAULT_PIPE_SIZE:
+        try:
+            return fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, wanted)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EINVAL, errno.ENOMEM):
+                raise
+            wanted //= 2
+    return fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+
+
+def close_pipes(pipes: Sequence[Pipe]) -> None:
+    """Close every pipe in ``pipes``."""
+    for pipe in pipes:
+        pipe.close()
+
+
+def format_size(size: float) -> str:
+    """Format a byte count for humans: 1 MiB, 512 KiB, 2 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:g} {unit}" if unit == "B" else f"{size:.4g} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")

@@ -1,0 +1,70 @@
+"""The service's numbers, in one place: counters, rates, the stats log line and the STATUS line.
+
+Owns the counters the event loop bumps and the arithmetic that turns two snapshots into rates.
+The loop bumps plain integer attributes (an attribute add is the cheapest thing CPython does);
+everything else happens once per stats interval. No I/O, no clock: ``now`` is passed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .pipes import format_size
+
+
+@dataclass
+class Stats:
+    """Counters since the service started, plus the state the status line shows."""
+
+    events: int = 0
+    bytes: int = 0  # payload bytes of the events forwarded (without the 4-byte headers)
+    frames: int = 0  # websocket data messages
+    received_bytes: int = 0  # plaintext read from the transport
+    fast_frames: int = 0
+    slow_frames: int = 0
+    rejected_frames: int = 0
+    unkeyed_events: int = 0
+    reconnects: int = 0
+    worker_restarts: int = 0
+    backpressure_episodes: int = 0
+    largest_backlog: int = 0
+    largest_backlog_worker: int | None = None
+    state: str = "starting"
+    url: str = ""
+    tls: str = "-"  # e.g. "kernel", "user", "kernel tx/user rx", "none"
+    _last: dict[str, float] = field(default_factory=dict, repr=False)
+
+    def rates(self, now: float) -> dict[str, float]:
+        """Return per-second rates since the previous call (the first call: since ``now``)."""
+        last = self._last or {"at": now, "events": 0, "bytes": 0, "frames": 0}
+        elapsed = max(now - last["at"], 1e-9)
+        rates = {
+            "events": (self.events - last["events"]) / elapsed,
+            "bytes": (self.bytes - last["bytes"]) / elapsed,
+            "frames": (self.frames - last["frames"]) / elapsed,
+        }
+        self._last = {"at": now, "events": self.events, "bytes": self.bytes, "frames": self.frames}
+        return rates
+
+    def log_line(self, rates: dict[str, float]) -> str:
+        """The periodic INFO line."""
+        return (
+            f"{rates['events']:,.0f} events/s, {rates['bytes'] / 1e6:.1f} MB/s, "
+            f"{rates['frames']:,.0f} frames/s; slow path {self.slow_frames}, "
+            f"rejected {self.rejected_frames}; largest backlog {self._backlog()}; "
+            f"reconnects {self.reconnects}, worker restarts {self.worker_restarts}"
+        )
+
+    def status_line(self, rates: dict[str, float]) -> str:
+        """The STATUS= line for ``systemctl status``: state first, then the numbers."""
+        return (
+            f"{self.state}: {self.url} TLS {self.tls}; "
+            f"{rates['events']:,.0f} ev/s, {rates['bytes'] / 1e6:.1f} MB/s; "
+            f"backlog {self._backlog()}; reconnects {self.reconnects}, "
+            f"worker restarts {self.worker_restarts}"
+        )
+
+    def _backlog(self) -> str:
+        if not self.largest_backlog:
+            return "0"
+        return f"{format_size(self.largest_backlog)} (worker {self.largest_backlog_worker})"

@@ -1,0 +1,296 @@
+"""Worker processes: spawning them on their pipes, reaping them, respawning them with backoff.
+
+Owns the child processes. A worker is forked and exec'ed with exactly its pipes' read ends as
+file descriptors 3, 4, ... (in pipe order), stdin from /dev/null, stdout and stderr inherited
+(the journal under systemd), in the working directory, in its own process group (a Ctrl-C on
+the terminal reaches the balancer only, which then ends the workers in order), with
+PR_SET_PDEATHSIG so it dies with the balancer, and with an environment cleaned of the notify
+socket, the watchdog and every secret.
+
+Spawning is done by hand rather than with subprocess so that the descriptor shuffle is exact:
+the pipes' read ends may sit at any number, including 3, 4, ... themselves, so the child first
+lifts every one above the target range and only then moves it into place.
+
+A dead worker's pipes are left alone: the balancer holds their read ends, so nothing written
+is lost, and the successor, spawned on the same pipes after a backoff, reads on from where the
+dead one stopped (the reader library skips the rest of a message the dead one had begun).
+
+Does no parsing and knows nothing of the feed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import prctl
+
+from .errors import WorkerError
+
+logger = logging.getLogger(__name__)
+
+FIRST_FD = 3  # the C original's contract: pipes start right after stdin, stdout and stderr
+
+# Never handed to a worker: the service manager's channels and the credentials.
+SCRUBBED_ENVIRONMENT = frozenset(
+    {
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+        "LISTEN_FDS",
+        "LISTEN_PID",
+        "LISTEN_FDNAMES",
+        "CREDENTIALS_DIRECTORY",
+        "MASSIVE_API_KEY",
+        "POLYGON_API_KEY",
+    }
+)
+
+# A worker that lived this long before dying starts the backoff over.
+HEALTHY_LIFETIME = 60.0
+
+
+@dataclass
+class Worker:
+    """One worker process and the pipes it serves."""
+
+    index: int
+    argv: list[str]
+    read_fds: list[int]  # the balancer's read ends of this worker's pipes, in pipe order
+    pipe_indexes: list[int]
+    pid: int | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    quick_deaths: int = 0
+    respawn_at: float | None = None
+    exit_status: int | None = None
+    history: list[int] = field(default_factory=list)  # pids, oldest first
+
+    @property
+    def running(self) -> bool:
+        """True while the process exists (not yet reaped)."""
+        return self.pid is not None
+
+
+def clean_environment(environ: Mapping[str, str], secrets: Sequence[str] = ()) -> dict[str, str]:
+    """Return ``environ`` without the service manager's variables and the named secrets."""
+    dropped = SCRUBBED_ENVIRONMENT.union(secrets)
+    return {key: value for key, value in environ.items() if key not in dropped}
+
+
+def spawn(worker: Worker, *, cwd: str, env: Mapping[str, str], now: float) -> None:
+    """Fork and exec ``worker``; raise WorkerError if the program cannot be started."""
+    parent = os.getpid()
+    status_read, status_write = os.pipe2(os.O_CLOEXEC)
+    env_list = dict(env)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child execs or reports through status_write
+        _exec_child(worker, cwd, env_list, parent, status_write)
+    os.close(status_write)
+    with os.fdopen(status_read, "rb") as status:
+        failure = status.read()
+    if failure:
+        os.waitpid(pid, 0)
+        raise WorkerError(
+            f"cannot start worker {worker.index} ({worker.argv[0]}): "
+            f"{failure.decode(errors='replace')}; check feeds.<name>.command and "
+            "working_directory"
+        )
+    worker.pid = pid
+    worker.started_at = now
+    worker.exit_status = None
+    worker.respawn_at = None
+    worker.history.append(pid)
+
+
+def _exec_child(  # pragma: no cover - runs between fork and exec
+    worker: Worker, cwd: str, env: dict[str, str], parent: int, status_write: int
+) -> None:
+    try:
+        # Die with the balancer, and close the race where it died before this line ran.
+        prctl.set_pdeathsig(signal.SIGTERM)
+        if os.getppid() != parent:
+            os._exit(0)
+        os.setpgid(0, 0)
+        for signum in (signal.SIGPIPE, signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        count = len(worker.read_fds)
+        floor = FIRST_FD + count
+        status_write = fcntl_dupfd(status_write, floor, cloexec=True)
+        lifted = [fcntl_dupfd(fd, floor, cloexec=True) for fd in worker.read_fds]
+        for target, fd in enumerate(lifted, start=FIRST_FD):
+            os.dup2(fd, target, inheritable=True)
+        keep = {status_write}
+        for fd in range(floor, _max_fd()):
+            if fd not in keep:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        os.chdir(cwd)
+        os.execvpe(worker.argv[0], worker.argv, env)
+    except BaseException as exc:
+        message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        try:
+            os.write(status_write, f"{message} ({type(exc).__name__})".encode())
+        finally:
+            os._exit(127)
+
+
+def fcntl_dupfd(fd: int, floor: int, *, cloexec: bool) -> int:
+    """Duplicate ``fd`` to the lowest free number at or above ``floor``."""
+    import fcntl
+
+    command = fcntl.F_DUPFD_CLOEXEC if cloexec else fcntl.F_DUPFD
+    return fcntl.fcntl(fd, command, floor)
+
+
+def _max_fd() -> int:
+    try:
+        return max(int(name) for name in os.listdir("/proc/self/fd")) + 1
+    except (OSError, ValueError):
+        return os.sysconf("SC_OPEN_MAX")
+
+
+def describe_status(status: int) -> str:
+    """Turn a waitpid status into words: 'exited with status 3', 'killed by SIGKILL'."""
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        return f"killed by {name}"
+    return f"exited with status {os.WEXITSTATUS(status)}"
+
+
+class WorkerPool:
+    """Every worker of one feed: spawns them, reaps them, respawns them with backoff."""
+
+    def __init__(
+        self,
+        workers: Sequence[Worker],
+        *,
+        cwd: str,
+        env: Mapping[str, str],
+        respawn_initial: float = 1.0,
+        respawn_max: float = 30.0,
+        on_exit: Callable[[Worker, int], None] | None = None,
+    ) -> None:
+        self.workers = list(workers)
+        self.cwd = cwd
+        self.env = dict(env)
+        self.respawn_initial = respawn_initial
+        self.respawn_max = respawn_max
+        self.restarts = 0
+        self._on_exit = on_exit
+
+    def spawn_all(self, now: float) -> None:
+        """Start every worker; raise WorkerError if one cannot be started at all."""
+        for worker in self.workers:
+            self._spawn(worker, now)
+            logger.info(
+                "worker %d started (pid %d) on pipes %s: %s",
+                worker.index,
+                worker.pid,
+                _ranges(worker.pipe_indexes),
+                " ".join(worker.argv),
+            )
+
+    def reap(self, now: float) -> list[Worker]:
+        """Collect exited workers, schedule their respawn, and return them."""
+        exited: list[Worker] = []
+        for worker in self.workers:
+            if worker.pid is None:
+                continue
+            try:
+                pid, status = os.waitpid(worker.pid, os.WNOHANG)
+            except ChildProcessError:
+                pid, status = worker.pid, 0
+            if pid == 0:
+                continue
+            worker.pid = None
+            worker.exit_status = status
+            lifetime = now - worker.started_at
+            worker.quick_deaths = 0 if lifetime >= HEALTHY_LIFETIME else worker.quick_deaths + 1
+            delay = min(
+                self.respawn_max,
+                self.respawn_initial * 2 ** max(0, worker.quick_deaths - 1),
+            )
+            worker.respawn_at = now + delay
+            exited.append(worker)
+            if self._on_exit is not None:
+                self._on_exit(worker, status)
+        return exited
+
+    def respawn_due(self, now: float) -> None:
+        """Restart the workers whose backoff has passed."""
+        for worker in self.workers:
+            if worker.pid is None and worker.respawn_at is not None and now >= worker.respawn_at:
+                try:
+                    self._spawn(worker, now)
+                except WorkerError as exc:
+                    logger.error("%s; retrying", exc)
+                    worker.quick_deaths += 1
+                    worker.respawn_at = now + self.respawn_max
+                    continue
+                worker.restarts += 1
+                self.restarts += 1
+                logger.info(
+                    "worker %d restarted (pid %d, restart %d) on pipes %s",
+                    worker.index,
+                    worker.pid,
+                    worker.restarts,
+                    _ranges(worker.pipe_indexes),
+                )
+
+    def next_deadline(self) -> float | None:
+        """Return the earliest pending respawn time, or None."""
+        times = [w.respawn_at for w in self.workers if w.pid is None and w.respawn_at is not None]
+        return min(times) if times else None
+
+    def running(self) -> list[Worker]:
+        """Return the workers whose process exists."""
+        return [worker for worker in self.workers if worker.pid is not None]
+
+    def signal_all(self, signum: int) -> None:
+        """Send ``signum`` to every running worker."""
+        for worker in self.running():
+            assert worker.pid is not None
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signum)
+
+    def cancel_respawns(self) -> None:
+        """Forget pending respawns (shutting down)."""
+        for worker in self.workers:
+            worker.respawn_at = None
+
+    def _spawn(self, worker: Worker, now: float) -> None:
+        env = dict(self.env)
+        env["TRADEBALANCER_WORKER"] = str(worker.index)
+        spawn(worker, cwd=self.cwd, env=env, now=now)
+
+
+def _ranges(indexes: Sequence[int]) -> str:
+    """Format pipe indexes compactly: [0, 1, 2, 5] -> '0-2,5'."""
+    items = sorted(indexes)
+    parts: list[str] = []
+    i = 0
+    while i < len(items):
+        j = i
+        while j + 1 < len(items) and items[j + 1] == items[j] + 1:
+            j += 1
+        parts.append(str(items[i]) if i == j else f"{items[i]}-{items[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+if sys.platform != "linux":  # pragma: no cover
+    raise ImportError("tradebalancer runs on Linux only (pipes, prctl, kernel TLS)")
