@@ -99,7 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     reader = Reader(fds, on_skip=on_skip)
     seen = 0
-    for fd, messages in reader.batches():
+    # The timeout lets an idle sink notice SIGTERM: batches() then yields (-1, []).
+    for fd, messages in reader.batches(timeout=0.25):
+        if stop:
+            break
+        if fd < 0:
+            continue
         now = time.monotonic_ns()
         if not first_ns:
             first_ns = now

@@ -49,7 +49,7 @@ INVALID = [
     ),
     ('pipe_size = "huge"', "pipe_size", '(bytes) or "max"', '"huge"'),
     ("pipes = 4\nworkers = 5", "workers", "an integer from 1 to 4 (pipes)", "5"),
-    ("workers = 0", "workers", "an integer from 1 to 16 (pipes)", "0"),
+    ("workers = 0", "workers", "an integer from 1 to 15 (pipes)", "0"),
     ('url = "http://socket.massive.com/stocks"', "url", "a ws:// or wss:// URL", '"http://'),
     ('url = "wss:///stocks"', "url", "a ws:// or wss:// URL", '"wss:///stocks" (no host)'),
     ('url = "wss://h:99999/"', "url", "a ws:// or wss:// URL", '"wss://h:99999/" (Port out'),
@@ -149,8 +149,8 @@ def test_every_other_key_has_its_documented_default() -> None:
     assert feed.subscribe == ("T.*",)
     assert feed.api_key_file == "${CREDENTIALS_DIRECTORY}/api-key"
     assert feed.api_key_env == ("MASSIVE_API_KEY", "POLYGON_API_KEY")
-    assert (feed.pipes, feed.pipe_size) == (16, "max")
-    assert feed.workers == min(16, len(os.sched_getaffinity(0)))
+    assert (feed.pipes, feed.pipe_size) == (15, "max")
+    assert feed.workers == min(15, len(os.sched_getaffinity(0)))
     assert feed.working_directory is None
     assert (feed.pass_fds, feed.tls, feed.ca_file, feed.server_hostname) == (
         "append",

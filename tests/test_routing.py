@@ -140,3 +140,12 @@ def test_pipe_map_rejects_bad_arguments(pipes: int, limit: int) -> None:
     """PipeMap refuses a pipe count or cache limit below one."""
     with pytest.raises(ValueError, match="at least 1"):
         PipeMap(pipes, limit)
+
+
+def test_power_of_two_pipe_counts_get_a_warning_and_odd_ones_do_not() -> None:
+    """A power-of-two pipe count is warned about, with odd neighbours suggested."""
+    from tradebalancer.routing import balance_warning
+
+    warning = balance_warning(16)
+    assert warning is not None and "15" in warning and "17" in warning
+    assert [n for n in range(1, 70) if balance_warning(n)] == [2, 4, 8, 16, 32, 64]

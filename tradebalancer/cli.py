@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from . import __version__, command, config, replay
 from .errors import ConfigError, ExitCode, TradeBalancerError
+from .routing import balance_warning
 from .systemd import Notifier, configure_logging
 
 logger = logging.getLogger("tradebalancer")
@@ -125,6 +126,8 @@ def check_config(path: str, names: Sequence[str], *, require_key: bool) -> int:
             f"feeds.{feed.name}: ok: {feed.url}, subscribe {','.join(feed.subscribe)}, "
             f"{feed.pipes} pipes, {feed.workers} workers, TLS {feed.tls}, API key {key_source}\n"
         )
+        if (warning := balance_warning(feed.pipes)) is not None:
+            sys.stdout.write(f"  warning: {warning}\n")
         for worker in range(feed.workers):
             argv = " ".join(command.argv_for(feed, worker, workdir))
             sys.stdout.write(f"  worker {worker}: {argv}\n")

@@ -39,23 +39,16 @@ from .command import (
     unset_variables,
 )
 from .errors import ConfigError
+from .split import DEFAULT_ROUTE_KEYS
 
 DEFAULT_PATH = Path("/etc/tradebalancer.toml")
 DEFAULT_URL = "wss://socket.massive.com/stocks"
 DEFAULT_API_KEY_FILE = "${CREDENTIALS_DIRECTORY}/api-key"
 DEFAULT_API_KEY_ENV = ("MASSIVE_API_KEY", "POLYGON_API_KEY")
 MAX_PIPES = 4096
+# Odd: with a power of two the C original's mapping spreads short tickers badly (routing.py).
+DEFAULT_PIPES = 15
 
-# The field that names an event's symbol, by event type ("ev"): all events of one key go to the
-# same pipe, so one worker sees every trade of a symbol, in order.
-DEFAULT_ROUTE_KEYS: Mapping[str, str] = MappingProxyType(
-    {
-        **dict.fromkeys(("T", "Q", "A", "AM", "FMV"), "sym"),
-        **dict.fromkeys(("LULD", "NOI", "V"), "T"),
-        **dict.fromkeys(("CA", "CAS", "XA", "XAS", "XT", "XQ", "XL2"), "pair"),
-        "C": "p",
-    }
-)
 DEFAULT_ROUTE_KEY = "sym"
 
 _FEED_NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -275,7 +268,7 @@ def _collect(defaults: Mapping[str, object], table: Mapping[str, object], name: 
 def _feed(name: str, values: _Values, base: Path) -> FeedConfig:
     read = _Reader(name, values)
     url, host, port, target, secure = _url(*read.get("url", DEFAULT_URL))
-    pipes = read.integer("pipes", 16, 1, MAX_PIPES)
+    pipes = read.integer("pipes", DEFAULT_PIPES, 1, MAX_PIPES)
     tls = read.choice("tls", "auto", _TLS_MODES)
     if tls == "kernel" and not secure:
         raise ConfigError(read.path("tls"), f'"kernel" needs a wss:// url, got {url}')

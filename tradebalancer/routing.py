@@ -73,3 +73,19 @@ class PipeMap:
     def __len__(self) -> int:
         """Return how many keys the cache holds now."""
         return len(self._pipes)
+
+
+def balance_warning(pipes: int) -> str | None:
+    """Return a warning if ``pipes`` is a count the C mapping spreads badly, else None.
+
+    With a power of two, ``(h >> 32) % pipes`` keeps only hash bits 32 and up to log2(pipes),
+    and FNV-1a's last multiply barely moves them for keys of a few bytes: on 4,000 realistic
+    tickers, 16 pipes get 56 to 1,277 symbols each, 15 pipes 231 to 300.
+    """
+    if pipes < 2 or pipes & (pipes - 1):
+        return None
+    return (
+        f"pipes = {pipes} is a power of two: the lb-compatible symbol mapping then spreads "
+        f"short tickers very unevenly over the pipes; use an odd count such as {pipes - 1} "
+        f"or {pipes + 1} unless you must match an existing lb deployment"
+    )

@@ -41,6 +41,7 @@ from .config import FeedConfig
 from .errors import AuthError, ExitCode, KernelTLSUnavailable, TradeBalancerError, TransportError
 from .feed import Feed
 from .pipes import Pipe, close_pipes, format_size, open_pipes, pipe_max_size
+from .routing import balance_warning
 from .split import FrameError, Splitter
 from .stats import Stats
 from .systemd import Notifier
@@ -148,6 +149,8 @@ class Service:
 
     def _start_workers(self) -> None:
         config = self.config
+        if (warning := balance_warning(config.pipes)) is not None:
+            logger.warning("%s", warning)
         size = pipe_max_size() if config.pipe_size == "max" else int(config.pipe_size)
         self.pipes = open_pipes(config.pipes, size)
         workdir = command.working_directory(config, self.environ)

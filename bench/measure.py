@@ -1,0 +1,68 @@
+"""Measuring another process and summing up samples: CPU time, peak RSS, percentiles, medians.
+
+Owns how the benchmark reads a process's cost from ``/proc`` and how it reduces numbers. CPU
+time comes from ``/proc/PID/task/*/schedstat`` (the scheduler's on-CPU nanoseconds, user and
+system together, per thread), which is exact where ``/proc/PID/stat``'s utime and stime count
+10 ms clock ticks; the ticks are the fallback on a kernel without schedstats. Peak RSS is the
+kernel's high-water mark, ``VmHWM`` of ``/proc/PID/status``. Reading either does not disturb
+the process. Nothing here starts or stops processes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from collections.abc import Sequence
+
+_TICK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ns(pid: int) -> int:
+    """Return the CPU time ``pid`` has used so far, all its threads, in nanoseconds.
+
+    Raises OSError if the process is gone (or a zombie whose statistics are gone).
+    """
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        for task in tasks:
+            with open(f"/proc/{pid}/task/{task}/schedstat", "rb") as f:
+                total += int(f.read().split()[0])
+    except FileNotFoundError:
+        if not os.path.exists(f"/proc/{pid}"):
+            raise
+        return _cpu_ticks_ns(pid)
+    return total
+
+
+def _cpu_ticks_ns(pid: int) -> int:
+    """utime + stime of ``/proc/PID/stat`` (fields 14 and 15), in nanoseconds."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    # The command name (field 2) may hold spaces and parentheses: count from its closing one.
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) * _TICK_NS
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """Return the largest resident set ``pid`` has had (VmHWM), in bytes."""
+    with open(f"/proc/{pid}/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no VmHWM in /proc/{pid}/status")
+
+
+def percentile(ordered: Sequence[float], fraction: float) -> float:
+    """Return the ``fraction`` quantile (0 to 1) of sorted samples, nearest rank; nan if none."""
+    if not ordered:
+        return math.nan
+    rank = max(1, math.ceil(fraction * len(ordered)))
+    return ordered[rank - 1]
+
+
+def median(values: Sequence[float | None]) -> float | None:
+    """Return the median of the values that are not None or nan, or None if there are none."""
+    kept = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.median(kept) if kept else None
