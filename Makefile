@@ -8,7 +8,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the build, the tests and the VM test need (installed once, only if missing).
 APT_PACKAGES := python3 python3-venv python3-dev gcc libcap-dev \
 	qemu-system-x86 qemu-utils debootstrap \
-	debhelper dpkg-dev fakeroot lintian openssl ca-certificates systemd
+	debhelper dpkg-dev fakeroot lintian openssl ca-certificates systemd e2fsprogs debian-archive-keyring
 
 .PHONY: all deps venv demo test check lint typecheck unit e2e bench deb clean
 

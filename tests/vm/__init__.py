@@ -1,0 +1,37 @@
+"""The VM test harness: boots a Debian 12 guest under qemu to run a shell script as root.
+
+Tests import it as `vm` (pytest puts tests/ on sys.path); see vm.py for how a run works.
+
+    from vm import run_in_vm, vm_available
+
+    result = run_in_vm("modprobe tls && cat /proc/net/tls_stat", tmp_path)
+    assert result.exit_code == 0, result.explain()
+"""
+
+from .vm import (
+    VMError,
+    VMImage,
+    VMResult,
+    VMTimeout,
+    cache_directory,
+    ensure_image,
+    find_image,
+    image_key,
+    qemu_command,
+    run_in_vm,
+    vm_available,
+)
+
+__all__ = [
+    "VMError",
+    "VMImage",
+    "VMResult",
+    "VMTimeout",
+    "cache_directory",
+    "ensure_image",
+    "find_image",
+    "image_key",
+    "qemu_command",
+    "run_in_vm",
+    "vm_available",
+]
