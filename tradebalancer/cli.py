@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from . import __version__, command, config, replay
 from .errors import ConfigError, ExitCode, TradeBalancerError
@@ -33,10 +34,18 @@ The configuration file is %(default)s unless --config or TRADEBALANCER_CONFIG sa
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, exiting with EX_USAGE (64) on a bad command line as the man page says."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(int(ExitCode.USAGE), f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the parser for every command."""
     default_config = os.environ.get("TRADEBALANCER_CONFIG", str(config.DEFAULT_PATH))
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tradebalancer",
         description=(
             "Load-balance the Massive (Polygon.io) real-time websocket feed by symbol over "
