@@ -314,3 +314,50 @@ def test_sigterm_flushes_and_workers_see_end_of_file(
     assert "SIGTERM received: stopping" in log
     assert "stopped:" in log
     assert "worker 0 exited with status 0" in log and "worker 1 exited with status 0" in log
+
+
+@pytest.mark.timeout(60)
+def test_frames_that_are_not_arrays_of_objects_are_dropped_and_the_rest_delivered(
+    tmp_path: Path, balancers: list[Balancer]
+) -> None:
+    """Bad frames are counted and logged (an excerpt), never forwarded, never fatal."""
+    import threading
+
+    from websockets.sync.server import ServerConnection, serve
+
+    good = [
+        b'[{"ev":"T","sym":"AAPL","p":1.5,"s":10},{"ev":"T","sym":"MSFT","p":2,"s":5}]',
+        b'[ {"sym": "IBM", "ev": "T", "note": "},{ [x]"} ]',  # the exact slow path
+    ]
+
+    done = threading.Event()
+
+    def handler(ws: ServerConnection) -> None:
+        ws.send('[{"ev":"status","status":"connected","message":"Connected Successfully"}]')
+        ws.recv()
+        ws.send('[{"ev":"status","status":"auth_success","message":"authenticated"}]')
+        ws.recv()
+        ws.send('[{"ev":"status","status":"success","message":"subscribed to: T.*"}]')
+        ws.send(good[0].decode())
+        ws.send("this is not JSON at all")
+        ws.send("[1, 2, 3]")
+        ws.send('[{"ev":"T","sym":"TRUNC"')
+        ws.send(good[1].decode())
+        done.wait(30)
+
+    with serve(handler, "127.0.0.1", 0) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        port = server.socket.getsockname()[1]
+        balancer = Balancer(tmp_path, f"ws://127.0.0.1:{port}/stocks", pipes=3, workers=1)
+        balancers.append(balancer)
+        balancer.wait_for(lambda: delivered(balancer, 3) >= 3, what="the good events")
+        balancer.wait_for(lambda: "rejected 3" in balancer.log_text(), what="the stats line")
+        assert balancer.stop() == 0
+        done.set()
+        server.shutdown()
+    got = sorted(m for p in range(3) for m in read_records(balancer.records, p))
+    assert got == sorted(synth.split_events(good[0]) + synth.split_events(good[1]))
+    log = balancer.log_text()
+    assert "that are not a JSON array of objects" in log
+    assert "slow path 1" in log

@@ -89,6 +89,8 @@ class Service:
         self._out: list[list[bytes]] = [[] for _ in range(feed.pipes)]
         self._pipe_worker: dict[int, int] = {}
         self._watched: set[int] = set()  # pipes whose writability the selector watches
+        self._rejected_unlogged = 0
+        self._next_reject_log = 0.0
         self._stopping = False
         self._reap_needed = False
         self._paused = False
@@ -305,11 +307,7 @@ class Service:
                 try:
                     events += route(message, out, status)
                 except FrameError as exc:
-                    logger.warning(
-                        "dropped a frame that is not a JSON array of objects (%s): %r",
-                        exc.reason,
-                        exc.excerpt[:_EXCERPT],
-                    )
+                    self._log_rejected(exc, now)
             stats = self.stats
             stats.events += events
             stats.frames += len(messages)
@@ -331,6 +329,20 @@ class Service:
             if total_backlog > self.config.backlog_limit and not self._paused:
                 self._pause()
         self._send_feed_output(now)
+
+    def _log_rejected(self, exc: FrameError, now: float) -> None:
+        # One line per stats interval at most: a feed gone wrong must not flood the journal.
+        self._rejected_unlogged += 1
+        if now < self._next_reject_log:
+            return
+        logger.warning(
+            "dropped %d frame(s) that are not a JSON array of objects; the last (%s): %r",
+            self._rejected_unlogged,
+            exc.reason,
+            exc.excerpt[:_EXCERPT],
+        )
+        self._rejected_unlogged = 0
+        self._next_reject_log = now + self.config.stats_interval
 
     def _flush_pipe(self, pipe: Pipe) -> None:
         if pipe.flush() == 0:
