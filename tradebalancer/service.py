@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import command
+from .backoff import Backoff
 from .config import FeedConfig
 from .errors import AuthError, ExitCode, KernelTLSUnavailable, TradeBalancerError, TransportError
 from .feed import Feed
@@ -75,7 +76,7 @@ class Service:
         self._api_key = api_key
         self.notifier = notifier or Notifier({})
         self.clock = clock
-        self.rng = rng or random.Random()
+        self.backoff = Backoff(feed.reconnect, rng or random.Random())
         self.environ = dict(os.environ if environ is None else environ)
         self.stats = Stats(url=feed.url)
         self.exit_code = ExitCode.OK
@@ -95,7 +96,6 @@ class Service:
         self._reap_needed = False
         self._paused = False
         self._more_to_read = False
-        self._attempt = 0
         self._reconnect_at: float | None = None
         self._next_stats = 0.0
         self._next_watchdog: float | None = None
@@ -504,21 +504,13 @@ class Service:
     def _schedule_reconnect(
         self, reason: str, now: float, *, cooldown: bool, healthy: bool
     ) -> None:
-        policy = self.config.reconnect
-        if healthy:
-            self._attempt = 0
+        delay = self.backoff.next_delay(healthy=healthy, cooldown=cooldown)
         if cooldown:
-            delay = policy.max_connections_cooldown
             logger.error("%s; reconnecting in %.0f s", reason, delay)
         else:
-            # Jittered exponential backoff: a crowd of clients dropped at once does not come
-            # back in lockstep.
-            base = min(policy.max, policy.initial * policy.multiplier**self._attempt)
-            delay = base * (1.0 - policy.jitter * self.rng.random())
             logger.warning(
-                "%s; reconnecting in %.1f s (attempt %d)", reason, delay, self._attempt + 1
+                "%s; reconnecting in %.1f s (attempt %d)", reason, delay, self.backoff.attempt
             )
-        self._attempt += 1
         self.stats.reconnects += 1
         self.stats.state = "reconnecting"
         self._reconnect_at = now + delay
