@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from tradebalancer.pipes import Pipe, close_pipes, format_size, open_pipes, pipe_max_size
+from tradebalancer.pipes import (
+    Pipe,
+    close_pipes,
+    flush_pipes,
+    format_size,
+    open_pipes,
+    pipe_max_size,
+)
 
 
 @pytest.fixture
@@ -93,3 +100,27 @@ def test_pipe_max_size_reads_proc(tmp_path: Path) -> None:
 def test_format_size(size: int, text: str) -> None:
     """Sizes are shown in binary units."""
     assert format_size(size) == text
+
+
+def test_flush_pipes_delivers_backlogs_to_a_reader_and_reports_what_did_not_fit() -> None:
+    """On shutdown backlogs drain to a reading worker; a pipe nobody reads keeps the rest."""
+    import threading
+    import time
+
+    drained, stuck = open_pipes(2, 65536)
+    data = b"x" * (200 * 1024)
+    drained.write(data)
+    stuck.write(data)
+    received = bytearray()
+
+    def read() -> None:
+        while len(received) < len(data):
+            received.extend(os.read(drained.read_fd, 65536))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    left = flush_pipes([drained, stuck], 1.0, time.monotonic)
+    reader.join(5)
+    assert bytes(received) == data
+    assert left == stuck.backlog_bytes == len(data) - stuck.size
+    close_pipes([drained, stuck])

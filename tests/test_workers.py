@@ -204,3 +204,32 @@ def test_signal_all_reaches_running_workers(tmp_path: Path) -> None:
 def test_describe_status(status: int, text: str) -> None:
     """Wait statuses read as words."""
     assert describe_status(status) == text
+
+
+def test_stop_escalates_from_waiting_to_sigterm_to_sigkill(tmp_path: Path) -> None:
+    """Workers that exit are reaped; one ignoring SIGTERM is killed, and stop() returns."""
+    quits = Worker(index=0, argv=[sys.executable, "-c", "pass"], read_fds=[], pipe_indexes=[])
+    stubborn = Worker(
+        index=1,
+        argv=[
+            sys.executable,
+            "-c",
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "open('ready', 'w').close(); time.sleep(60)",
+        ],
+        read_fds=[],
+        pipe_indexes=[],
+    )
+    pool = WorkerPool([quits, stubborn], cwd=str(tmp_path), env=dict(os.environ))
+    pool.spawn_all(0.0)
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "ready").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    started = time.monotonic()
+    pool.stop(0.2, 0.2, time.monotonic)
+    assert pool.running() == []
+    assert time.monotonic() - started < 5
+    assert quits.exit_status == 0
+    assert stubborn.exit_status is not None
+    assert describe_status(stubborn.exit_status) == "killed by SIGKILL"

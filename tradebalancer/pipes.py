@@ -18,8 +18,9 @@ import errno
 import fcntl
 import logging
 import os
+import select
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import WorkerError
@@ -145,6 +146,20 @@ def _set_size(fd: int, size: int) -> int:
                 raise
             wanted //= 2
     return fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+
+
+def flush_pipes(pipes: Sequence[Pipe], timeout: float, clock: Callable[[], float]) -> int:
+    """Write every backlog out within ``timeout`` seconds; return the bytes that did not fit.
+
+    Used on shutdown, when the event loop is gone: waits for writability with select().
+    """
+    deadline = clock() + timeout
+    pending = [pipe for pipe in pipes if pipe.backlog_bytes]
+    while pending and clock() < deadline:
+        pending = [pipe for pipe in pending if pipe.flush()]
+        if pending:
+            select.select([], [pipe.write_fd for pipe in pending], [], 0.1)
+    return sum(pipe.backlog_bytes for pipe in pending)
 
 
 def close_pipes(pipes: Sequence[Pipe]) -> None:

@@ -41,7 +41,7 @@ from .backoff import Backoff
 from .config import FeedConfig
 from .errors import AuthError, ExitCode, KernelTLSUnavailable, TradeBalancerError, TransportError
 from .feed import Feed
-from .pipes import Pipe, close_pipes, format_size, open_pipes, pipe_max_size
+from .pipes import Pipe, close_pipes, flush_pipes, format_size, open_pipes, pipe_max_size
 from .routing import balance_warning
 from .split import FrameError, Splitter
 from .stats import Stats
@@ -545,7 +545,8 @@ class Service:
         self._flush_all()
         close_pipes(self.pipes)
         if self.pool is not None:
-            self._stop_workers(self.pool)
+            # The pipes are closed: each worker reads what is left, sees end of file and exits.
+            self.pool.stop(WORKER_EXIT_TIMEOUT, WORKER_TERM_TIMEOUT, self.clock)
         signal.set_wakeup_fd(-1)
         for sock in (self._wakeup_read, self._wakeup_write):
             if sock is not None:
@@ -554,48 +555,13 @@ class Service:
         logger.info("stopped: %s events forwarded", f"{self.stats.events:,}")
 
     def _flush_all(self) -> None:
-        deadline = self.clock() + FLUSH_TIMEOUT
-        pending = [pipe for pipe in self.pipes if pipe.backlog_bytes]
-        while pending and self.clock() < deadline:
-            pending = [pipe for pipe in pending if pipe.flush()]
-            if pending:
-                _, _writable, _ = _select_writable([pipe.write_fd for pipe in pending], 0.1)
-        lost = sum(pipe.backlog_bytes for pipe in pending)
+        lost = flush_pipes(self.pipes, FLUSH_TIMEOUT, self.clock)
         if lost:
             logger.error(
                 "%s could not reach the workers within %.0f s (a worker is stuck or dead)",
                 format_size(lost),
                 FLUSH_TIMEOUT,
             )
-
-    def _stop_workers(self, pool: WorkerPool) -> None:
-        # The pipes are closed: each worker reads what is left, sees end of file and exits.
-        deadline = self.clock() + WORKER_EXIT_TIMEOUT
-        while pool.running() and self.clock() < deadline:
-            pool.reap(self.clock())
-            if pool.running():
-                time.sleep(0.02)
-        if pool.running():
-            logger.warning(
-                "workers still running after %.0f s: sending SIGTERM", WORKER_EXIT_TIMEOUT
-            )
-            pool.signal_all(signal.SIGTERM)
-            deadline = self.clock() + WORKER_TERM_TIMEOUT
-            while pool.running() and self.clock() < deadline:
-                pool.reap(self.clock())
-                time.sleep(0.02)
-        if pool.running():
-            logger.error("workers ignored SIGTERM: sending SIGKILL")
-            pool.signal_all(signal.SIGKILL)
-            while pool.running():
-                pool.reap(self.clock())
-                time.sleep(0.02)
-
-
-def _select_writable(fds: list[int], timeout: float) -> tuple[list[int], list[int], list[int]]:
-    import select
-
-    return select.select([], fds, [], timeout)
 
 
 def _describe_tls(transport: Transport) -> str:

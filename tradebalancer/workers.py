@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -266,6 +267,27 @@ class WorkerPool:
             assert worker.pid is not None
             with contextlib.suppress(ProcessLookupError):
                 os.kill(worker.pid, signum)
+
+    def stop(self, exit_timeout: float, term_timeout: float, clock: Callable[[], float]) -> None:
+        """Wait for every worker to exit (their pipes are closed), then SIGTERM, then SIGKILL."""
+        self.cancel_respawns()
+        self._wait(exit_timeout, clock)
+        if self.running():
+            logger.warning("workers still running after %.0f s: sending SIGTERM", exit_timeout)
+            self.signal_all(signal.SIGTERM)
+            self._wait(term_timeout, clock)
+        if self.running():
+            logger.error("workers ignored SIGTERM: sending SIGKILL")
+            self.signal_all(signal.SIGKILL)
+            self._wait(None, clock)
+
+    def _wait(self, timeout: float | None, clock: Callable[[], float]) -> None:
+        deadline = None if timeout is None else clock() + timeout
+        while True:
+            self.reap(clock())
+            if not self.running() or (deadline is not None and clock() >= deadline):
+                return
+            time.sleep(0.02)
 
     def cancel_respawns(self) -> None:
         """Forget pending respawns (shutting down)."""
