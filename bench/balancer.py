@@ -33,6 +33,7 @@ class Setup:
     latency: bool = False  # the sinks collect send-to-receive latencies
     strict: bool = False  # the sinks parse every event and check its route
     ca: Path | None = None  # trust this CA (wss runs)
+    options: tuple[str, ...] = ()  # more "key = value" lines for the feed's table
 
 
 def write_config(setup: Setup, url: str, workdir: Path, expect: Path) -> Path:
@@ -57,9 +58,10 @@ def write_config(setup: Setup, url: str, workdir: Path, expect: Path) -> Path:
         'pipe_size = "max"',
         f"working_directory = {json.dumps(str(workdir))}",
         f"command = {json.dumps(sink)}",
-        # Between runs the feed's stream is over: the balancer must not reconnect in a loop.
-        "reconnect.initial = 10.0",
-        "reconnect.max = 10.0",
+        # The feed starts once the sinks have: until then connecting is refused, and tried
+        # again soon. After the stream the feed stops listening, so retries cost little.
+        "reconnect.initial = 0.05",
+        "reconnect.max = 0.25",
     ]
     if setup.ca is not None:
         lines += [
@@ -67,13 +69,25 @@ def write_config(setup: Setup, url: str, workdir: Path, expect: Path) -> Path:
             f"ca_file = {json.dumps(str(setup.ca))}",
             'server_hostname = "localhost"',
         ]
+    lines += setup.options
     path = workdir / "tradebalancer.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def run(pool: Pool, setup: Setup, feed: harness.Feed, *, keep: bool = False) -> harness.Outcome:
-    """Run the balancer on ``feed`` with ``setup``; return what was measured and verified."""
+def run(
+    pool: Pool,
+    setup: Setup,
+    feed: harness.Feed,
+    *,
+    keep: bool = False,
+    profile: Path | None = None,
+) -> harness.Outcome:
+    """Run the balancer on ``feed`` with ``setup``; return what was measured and verified.
+
+    ``keep`` keeps the run's directory (configuration, log, sink reports); it is kept anyway
+    when something went wrong. ``profile`` samples the balancer with py-spy into that file.
+    """
     workdir = Path(tempfile.mkdtemp(prefix="tradebalancer-bench-"))
     expected = pool.expected(setup.pipes, feed.trades)
     outcome = harness.Outcome(
@@ -82,20 +96,21 @@ def run(pool: Pool, setup: Setup, feed: harness.Feed, *, keep: bool = False) -> 
     )
     try:
         expect = harness.write_expectation(workdir, expected)
-        server = harness.open_replay(pool, feed)
-        try:
-            config = write_config(setup, server.url, workdir, expect)
-            argv = [harness.python(), "-m", "tradebalancer", "--config", str(config)]
-            harness.run_consumer(
-                [*argv, "run", "bench"],
-                server=server,
-                workdir=workdir,
-                workers=setup.workers,
-                expected=expected,
-                outcome=outcome,
-            )
-        finally:
-            server.stop()
+        port = harness.reserve_port()
+        url = harness.url_for(port, feed.tls is not None)
+        config = write_config(setup, url, workdir, expect)
+        argv = [harness.python(), "-m", "tradebalancer", "--config", str(config)]
+        harness.run_consumer(
+            [*argv, "run", "bench"],
+            pool=pool,
+            feed=feed,
+            port=port,
+            workdir=workdir,
+            workers=setup.workers,
+            expected=expected,
+            outcome=outcome,
+            profile=profile,
+        )
     finally:
         if not keep and not outcome.problems:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -1,16 +1,22 @@
 """One measured run: the replay feed, a consumer process and its sinks, and what they reported.
 
 Owns the part every throughput and latency run shares, whoever consumes the feed (the
-balancer, or the plain Python baseline): serving the pool on 127.0.0.1 from a replay feed in
-this process (a thread: it only hands pre-built 1 MiB batches to ``send``), starting the
-consumer as a child, taking its CPU time just before the first event leaves the feed and again
-once every sink has written its done file (it got as many messages as its pipes expect), then
-stopping the consumer with SIGTERM and checking the sinks' reports against the pool's
-reference. Knows nothing of how a consumer is configured: the caller gives its command line.
+balancer, or the plain Python baseline): starting the consumer as a child, told to connect to a
+port reserved on 127.0.0.1; waiting until each of its sinks has started (its ready file); only
+then serving the pool on that port from a replay feed in this process (a thread: it only hands
+pre-built 1 MiB batches to ``send``); taking the consumer's CPU time just before the first
+event leaves the feed and again once every sink has written its done file (it got as many
+messages as its pipes expect); then stopping the consumer with SIGTERM and checking the
+sinks' reports against the pool's reference. Knows nothing of how a consumer is configured:
+the caller gives its command line, and the consumer retries its connection until the feed is
+up (the balancer by its reconnect policy).
 
-Why this window: the consumer's start-up (imports, spawning the sinks, connecting) is not part
-of the cost of a trade, and neither is its shutdown; the sinks' first and last receive times
-bound the wall time the same way, so trades/s is what crossed the pipes while it streamed.
+Why hold the feed back: sixteen Python sinks take a second or two of CPU to start on two
+CPUs; a feed that started at once would queue that long in the pipes and the balancer's
+backlog, which would show as latency, and as throughput the sinks then catch up on. Why this
+window: the consumer's start-up (imports, spawning the sinks, connecting) is not part of the
+cost of a trade, and neither is its shutdown; the sinks' first and last receive times bound
+the wall time the same way, so trades/s is what crossed the pipes while it streamed.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,7 +34,7 @@ from pathlib import Path
 
 from tradebalancer.replay import ReplayOptions, ReplayServer
 
-from . import measure
+from . import hotpath, measure
 from .source import Pool
 
 REPO = Path(__file__).resolve().parent.parent
@@ -76,9 +83,23 @@ class Outcome:
         return self.cpu_ns / self.trades if self.trades else 0.0
 
 
-def open_replay(pool: Pool, feed: Feed) -> ReplayServer:
+def reserve_port() -> int:
+    """Return a TCP port of 127.0.0.1 that was free a moment ago (the kernel picked it)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def url_for(port: int, tls: bool) -> str:
+    """The feed's URL on 127.0.0.1:``port``."""
+    return f"{'wss' if tls else 'ws'}://127.0.0.1:{port}/stocks"
+
+
+def open_replay(pool: Pool, feed: Feed, port: int = 0) -> ReplayServer:
     """Start a replay feed on 127.0.0.1 serving the pool's stream of ``feed.trades``; stop it."""
     options = ReplayOptions(
+        port=port,
         certfile=str(feed.tls[0]) if feed.tls else None,
         keyfile=str(feed.tls[1]) if feed.tls else None,
         accept_keys=frozenset({KEY}),
@@ -109,6 +130,7 @@ def sink_args(pipes: str, pipe_count: str, workdir: str, worker: str, expect: Pa
         *("--pipes", pipes, "--pipe-count", pipe_count),
         *("--report", f"{workdir}/report-{worker}.json"),
         *("--expect-file", str(expect), "--done", f"{workdir}/done-{worker}.json"),
+        *("--ready", f"{workdir}/ready-{worker}.json"),
     ]
 
 
@@ -122,33 +144,65 @@ def write_expectation(workdir: Path, expected: dict[int, tuple[int, int]]) -> Pa
 def run_consumer(
     argv: Sequence[str],
     *,
-    server: ReplayServer,
+    pool: Pool,
+    feed: Feed,
+    port: int,
     workdir: Path,
     workers: int,
     expected: dict[int, tuple[int, int]],
     outcome: Outcome,
+    profile: Path | None = None,
 ) -> Outcome:
-    """Run ``argv`` against ``server`` until its ``workers`` sinks are done; fill ``outcome``."""
+    """Run ``argv``, then the feed on ``port`` until the ``workers`` sinks are done.
+
+    Fills and returns ``outcome``. With ``profile``, py-spy samples the consumer into that
+    file while it streams.
+    """
     log_path = workdir / "consumer.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             list(argv), stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=workdir
         )
+    profiler = None
+    server: ReplayServer | None = None
     try:
+        if not _wait_for_files(process, workdir, "ready", workers, STREAM_START_TIMEOUT):
+            outcome.problems.append(f"the sinks did not all start: {_tail(log_path)}")
+            return outcome
+        server = open_replay(pool, feed, port)
         before = _wait_for_stream(process, server)
         if before is None:
             outcome.problems.append(f"the stream never started: {_tail(log_path)}")
         else:
+            if profile is not None:
+                profiler = hotpath.open_profiler(process.pid, profile)
             after = _wait_for_sinks(process, server, workdir, workers, outcome)
             if after is not None:
                 outcome.cpu_ns = after[0] - before
                 outcome.peak_rss_bytes = after[1]
     finally:
+        if profiler is not None:
+            hotpath.close_profiler(profiler)
         outcome.exit_code = _stop(process)
+        if server is not None:
+            server.stop()
     if outcome.exit_code not in (0, None):
         outcome.problems.append(f"consumer exited {outcome.exit_code}: {_tail(log_path)}")
     _check_reports(workdir, workers, expected, outcome)
     return outcome
+
+
+def _wait_for_files(
+    process: subprocess.Popen[bytes], workdir: Path, kind: str, workers: int, timeout: float
+) -> bool:
+    """Wait until every sink wrote its ``kind`` file; False on timeout or the consumer's exit."""
+    paths = [workdir / f"{kind}-{worker}.json" for worker in range(workers)]
+    deadline = time.monotonic() + timeout
+    while not all(path.exists() for path in paths):
+        if process.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(_DONE_POLL)
+    return True
 
 
 def _wait_for_stream(process: subprocess.Popen[bytes], server: ReplayServer) -> int | None:
@@ -190,6 +244,10 @@ def _wait_for_sinks(
         now = time.monotonic()
         if sent_all_at is None and server.stream.exhausted:
             sent_all_at = now
+        if server.finished.is_set():
+            # Every event is out and the consumer's connection is closed: stop listening, so
+            # that its reconnection attempts are refused at once instead of served.
+            server.stop()
         if sent_all_at is not None and now - sent_all_at > DRAIN_GRACE:
             missing = [path.name for path in done if not path.exists()]
             outcome.problems.append(

@@ -5,15 +5,20 @@ time comes from ``/proc/PID/task/*/schedstat`` (the scheduler's on-CPU nanosecon
 system together, per thread), which is exact where ``/proc/PID/stat``'s utime and stime count
 10 ms clock ticks; the ticks are the fallback on a kernel without schedstats. Peak RSS is the
 kernel's high-water mark, ``VmHWM`` of ``/proc/PID/status``. Reading either does not disturb
-the process. Nothing here starts or stops processes.
+the process. ``Load`` tells how busy the machine was with work other than the benchmark's:
+the busy time of all CPUs (``/proc/stat``) less the CPU time of this process and of every
+descendant it has reaped. Nothing here starts or stops processes.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import resource
 import statistics
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 _TICK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
 
@@ -66,3 +71,40 @@ def median(values: Sequence[float | None]) -> float | None:
     """Return the median of the values that are not None or nan, or None if there are none."""
     kept = [v for v in values if v is not None and not math.isnan(v)]
     return statistics.median(kept) if kept else None
+
+
+@dataclass(frozen=True)
+class LoadSample:
+    """CPU counters of the whole machine and of this process tree at one instant."""
+
+    at: float  # time.monotonic()
+    busy_s: float  # all CPUs: user, nice, system, irq, softirq, steal
+    steal_s: float  # time the hypervisor gave our virtual CPUs to someone else
+    ours_s: float  # this process and its reaped descendants, user and system
+
+
+def sample_load() -> LoadSample:
+    """Read the machine's and this process tree's CPU counters now."""
+    with open("/proc/stat", "rb") as f:
+        fields = [int(value) for value in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal guest guest_nice (proc(5)); guest time
+    # is already inside user.
+    busy = fields[0] + fields[1] + fields[2] + fields[5] + fields[6] + fields[7]
+    tick = _TICK_NS / 1e9
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    ours = me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+    return LoadSample(time.monotonic(), busy * tick, fields[7] * tick, ours)
+
+
+def other_load(start: LoadSample, end: LoadSample) -> dict[str, float]:
+    """Return the CPUs' share used by other work, and stolen, between two samples (0 to 1)."""
+    capacity = (end.at - start.at) * (os.cpu_count() or 1)
+    if capacity <= 0:
+        return {"other_cpu_share": math.nan, "steal_share": math.nan}
+    stolen = end.steal_s - start.steal_s
+    others = (end.busy_s - start.busy_s) - stolen - (end.ours_s - start.ours_s)
+    return {
+        "other_cpu_share": max(0.0, others) / capacity,
+        "steal_share": stolen / capacity,
+    }

@@ -11,13 +11,14 @@ message for tests (--record).
 For the benchmark: ``--expect-file`` names a JSON object ``{"pipe": count}``; once the sink has
 read as many messages as its pipes expect in all, it writes the ``--done`` file (its first and
 last receive times so far), so the driver knows when to stop the balancer without a record of
-the messages. The sink still reads on to end of file, and its report counts what came after
-too: a repeated message makes the verification fail, whatever the done file said. The report
-carries ``first_ns`` and ``last_ns``, the CLOCK_MONOTONIC times of the first and the last read
-that brought messages.
+the messages; ``--ready`` names a file it writes once it is about to read, so the driver can
+hold the feed back until every sink has started. The sink still reads on to end of file, and
+its report counts what came after too: a repeated message makes the verification fail,
+whatever the done file said. The report carries ``first_ns`` and ``last_ns``, the
+CLOCK_MONOTONIC times of the first and the last read that brought messages.
 
     python -m bench.sink --pipes 0,1 --report FILE [--strict] [--latency] [--record DIR]
-        [--expect-file FILE --done FILE] 3 4
+        [--expect-file FILE --done FILE --ready FILE] 3 4
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delay", type=float, default=0.0, help="sleep this long per batch")
     parser.add_argument("--expect-file", help='JSON {"pipe": count}: write --done when all came')
     parser.add_argument("--done", help="the file to write once the expected messages came")
+    parser.add_argument("--ready", help="the file to write when about to read")
     args = parser.parse_args(argv[: len(argv) - len(fds)])
     pipes = [int(p) for p in args.pipes.split(",")]
     by_fd = dict(zip(fds, pipes, strict=True))
@@ -99,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     reader = Reader(fds, on_skip=on_skip)
     seen = 0
+    if args.ready:
+        _write_atomically(args.ready, {"pid": os.getpid()})
     # The timeout lets an idle sink notice SIGTERM: batches() then yields (-1, []).
     for fd, messages in reader.batches(timeout=0.25):
         if stop:

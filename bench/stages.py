@@ -1,0 +1,145 @@
+"""The balancer's hot path, stage by stage, in one process: CPU nanoseconds per trade.
+
+Owns a measurement that the machine's other load disturbs little: the service's own objects,
+driven the way ``Service._receive`` and ``Service._dispatch`` drive them, on the feed's bytes
+as the socket hands them over (1 MiB pieces of unmasked websocket frames, cut anywhere), each
+stage timed on its own:
+
+* ``websocket``: ``Feed.receive_data`` and ``messages_received`` (websockets' sans-I/O frame
+  parser, the copy of each payload to ``bytes``);
+* ``split``: ``Splitter.route`` of every message into the per-pipe lists;
+* ``join``: the ``b"".join`` of each pipe's list, once per batch;
+* ``write``: one ``os.write`` per pipe per batch into real pipes of the service's size, no
+  reader waiting on them (the pipes are drained between batches, untimed), so a sink's
+  wake-up is not in it.
+
+The sum is a floor for the service's CPU per trade; what the service spends above it goes to
+the event loop, ``recv_into``, waking the workers, page faults and caches shared with the
+other processes. The Feed is taken through the feed's handshake first, by bytes from
+websockets' ``ServerProtocol``, so it is in the state it streams in.
+"""
+
+from __future__ import annotations
+
+import bisect
+import fcntl
+import os
+import time
+from dataclasses import dataclass
+
+from websockets.http11 import Request
+from websockets.server import ServerProtocol
+
+from tradebalancer.feed import Feed
+from tradebalancer.pipes import pipe_max_size
+from tradebalancer.replay import AUTH_SUCCESS, CONNECTED, frame_header, status
+from tradebalancer.split import Splitter
+
+from .source import Pool
+
+F_SETPIPE_SZ = 1031
+BATCH_BYTES = 1 << 20  # the service's default batch_bytes
+STAGES = ("websocket", "split", "join", "write")
+SAMPLE_TRADES = 300_000  # enough for the symbol caches to be warm most of the time
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """CPU nanoseconds per trade of each stage, for one pipe count."""
+
+    pipes: int
+    trades: int
+    ns_per_trade: dict[str, float]
+
+    @property
+    def total(self) -> float:
+        """The sum of the stages."""
+        return sum(self.ns_per_trade.values())
+
+
+def streaming_feed() -> Feed:
+    """Return a Feed that went through the upgrade, auth and subscription: streaming."""
+    feed = Feed("ws://127.0.0.1:1/stocks", "key", ["T.*"], now=0.0)
+    server = ServerProtocol()
+    server.receive_data(b"".join(feed.data_to_send()))
+    for event in server.events_received():
+        if isinstance(event, Request):
+            server.send_response(server.accept(event))
+    server.send_text(CONNECTED)
+    server.send_text(AUTH_SUCCESS)
+    server.send_text(status("success", "subscribed to: T.*"))
+    feed.receive_data(b"".join(server.data_to_send()), 0.0)
+    feed.data_to_send()  # auth and subscribe: nobody to send them to
+    if feed.streaming_since is None:
+        raise RuntimeError(f"the feed did not reach streaming: {feed.phase}, {feed.error}")
+    return feed
+
+
+@dataclass(frozen=True)
+class Wire:
+    """The first frames of a pool as the socket hands them over, and their trade count."""
+
+    batches: list[bytes]  # unmasked websocket frames, joined, cut in 1 MiB pieces
+    trades: int
+
+
+def wire_batches(pool: Pool, trades: int = SAMPLE_TRADES) -> Wire:
+    """Return the first frames of the pool with ``trades`` trades or more, as the wire has them."""
+    end = pool.boundary(min(trades, pool.events))
+    frames = pool.frames[: bisect.bisect_left(pool.cumulative, end) + 1]
+    wire = b"".join(frame_header(len(frame)) + frame for frame in frames)
+    batches = [wire[i : i + BATCH_BYTES] for i in range(0, len(wire), BATCH_BYTES)]
+    return Wire(batches, end)
+
+
+def measure(wire: Wire, pipes: int) -> StageCost:
+    """Time each stage over ``wire`` once; return ns per trade by stage."""
+    feed = streaming_feed()
+    splitter = Splitter(pipes)
+    out: list[list[bytes]] = [[] for _ in range(pipes)]
+    status_events: list[bytes] = []
+    ends = [os.pipe() for _ in range(pipes)]
+    size = pipe_max_size()
+    for read_fd, write_fd in ends:
+        fcntl.fcntl(write_fd, F_SETPIPE_SZ, size)
+        os.set_blocking(read_fd, False)
+    spent = dict.fromkeys(STAGES, 0)
+    clock = time.process_time_ns
+    trades = 0
+    try:
+        for batch in wire.batches:
+            started = clock()
+            feed.receive_data(memoryview(batch), 0.0)
+            messages = feed.messages_received()
+            parsed = clock()
+            route = splitter.route
+            for message in messages:
+                trades += route(message, out, status_events)
+            routed = clock()
+            joined = []
+            for chunks in out:
+                joined.append(b"".join(chunks))
+                chunks.clear()
+            done_joining = clock()
+            for (_, write_fd), data in zip(ends, joined, strict=True):
+                if data:
+                    os.write(write_fd, data)
+            written = clock()
+            spent["websocket"] += parsed - started
+            spent["split"] += routed - parsed
+            spent["join"] += done_joining - routed
+            spent["write"] += written - done_joining
+            for read_fd, _ in ends:  # untimed: the sinks' part
+                while True:
+                    try:
+                        if not os.read(read_fd, size):
+                            break
+                    except BlockingIOError:
+                        break
+    finally:
+        for read_fd, write_fd in ends:
+            os.close(read_fd)
+            os.close(write_fd)
+    if trades != wire.trades:
+        raise RuntimeError(f"routed {trades} trades of {wire.trades}")
+    return StageCost(pipes, trades, {stage: spent[stage] / trades for stage in STAGES})
