@@ -26,7 +26,8 @@ $(VENV)/.deps-stamp:
 	@mkdir -p $(VENV) && touch $@
 
 venv: $(VENV)/.venv-stamp
-$(VENV)/.venv-stamp: pyproject.toml $(VENV)/.deps-stamp
+# The editable install also builds the C router (setup.py); a change to it reinstalls.
+$(VENV)/.venv-stamp: pyproject.toml setup.py tradebalancer/_fastsplit.c $(VENV)/.deps-stamp
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -65,4 +66,4 @@ deb: venv
 	sh packaging/build-deb.sh
 
 clean:
-	rm -rf build dist packaging/out .coverage .coverage.* .pytest_cache .mypy_cache .ruff_cache
+	rm -rf build dist packaging/out .coverage .coverage.* .pytest_cache .mypy_cache .ruff_cache tradebalancer/*.so

@@ -218,7 +218,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     shares = ", ".join(
                         f"{stage} {ns:.0f}" for stage, ns in costs[pipes][-1].ns_per_trade.items()
                     )
-                    progress(f"stages, {pipes} pipes, ns/trade: {shares}")
+                    python = costs[pipes][-1].split_python
+                    progress(
+                        f"stages, {pipes} pipes, ns/trade: {shares}; Python split {python:.0f}"
+                    )
         extra: dict[str, object] = {}
         if not args.no_strict:
             extra["strict"] = strict_check(pool, min(args.pipe_counts))
@@ -239,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for stage in stages.STAGES
                 },
                 "total": measure.median([c.total for c in found]),
+                "split_python": measure.median([c.split_python for c in found]),
             }
             for pipes, found in costs.items()
         }

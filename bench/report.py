@@ -305,7 +305,10 @@ def _render_extras(summary: Mapping[str, object]) -> list[str]:
                 f"{stage} {_number(cost[stage])}"
                 for stage in ("websocket", "split", "join", "write")
             )
-            out.append(f"  {pipes:>3} pipes: {parts}; total {_number(cost['total'])}")
+            out.append(
+                f"  {pipes:>3} pipes: {parts}; total {_number(cost['total'])}"
+                f" (split without the C router: {_number(cost.get('split_python'))})"
+            )
     strict = summary.get("strict")
     if isinstance(strict, dict):
         verdict = "verified" if strict["verified"] else "NOT verified"

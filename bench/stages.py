@@ -7,11 +7,14 @@ stage timed on its own:
 
 * ``websocket``: ``Feed.receive_data`` and ``messages_received`` (websockets' sans-I/O frame
   parser, the copy of each payload to ``bytes``);
-* ``split``: ``Splitter.route`` of every message into the per-pipe lists;
+* ``split``: ``Splitter.route`` of every message into the per-pipe lists (the C router);
 * ``join``: the ``b"".join`` of each pipe's list, once per batch;
 * ``write``: one ``os.write`` per pipe per batch into real pipes of the service's size, no
   reader waiting on them (the pipes are drained between batches, untimed), so a sink's
   wake-up is not in it.
+
+Beside the stages, ``split_python`` times the same routing with the C router off (the Python
+fast path the service falls back to when the extension is not built), for the ratio.
 
 The sum is a floor for the service's CPU per trade; what the service spends above it goes to
 the event loop, ``recv_into``, waking the workers, page faults and caches shared with the
@@ -50,6 +53,7 @@ class StageCost:
     pipes: int
     trades: int
     ns_per_trade: dict[str, float]
+    split_python: float  # ns per trade of the split stage without the C router
 
     @property
     def total(self) -> float:
@@ -96,6 +100,10 @@ def measure(wire: Wire, pipes: int) -> StageCost:
     """Time each stage over ``wire`` once; return ns per trade by stage."""
     feed = streaming_feed()
     splitter = Splitter(pipes)
+    if not splitter.accelerated:
+        raise RuntimeError("the C router is not built: pip install -e . builds it")
+    python = Splitter(pipes, accelerate=False)
+    python_spent = 0
     out: list[list[bytes]] = [[] for _ in range(pipes)]
     status_events: list[bytes] = []
     ends = [os.pipe() for _ in range(pipes)]
@@ -129,6 +137,12 @@ def measure(wire: Wire, pipes: int) -> StageCost:
             spent["split"] += routed - parsed
             spent["join"] += done_joining - routed
             spent["write"] += written - done_joining
+            started = clock()
+            for message in messages:
+                python.route(message, out, status_events)
+            python_spent += clock() - started
+            for chunks in out:
+                chunks.clear()
             for read_fd, _ in ends:  # untimed: the sinks' part
                 while True:
                     try:
@@ -142,4 +156,6 @@ def measure(wire: Wire, pipes: int) -> StageCost:
             os.close(write_fd)
     if trades != wire.trades:
         raise RuntimeError(f"routed {trades} trades of {wire.trades}")
-    return StageCost(pipes, trades, {stage: spent[stage] / trades for stage in STAGES})
+    return StageCost(
+        pipes, trades, {stage: spent[stage] / trades for stage in STAGES}, python_spent / trades
+    )

@@ -7,7 +7,8 @@ live feed's) and prints the best of ``--repeat`` runs:
 
     .venv/bin/python tests/bench_split.py [--events 300] [--repeat 15]
 
-``layout`` is the fast path on trade frames; ``mixed`` the fast path on frames of trades and
+``C`` and ``C mixed`` are the C router (_fastsplit.c) on them; ``layout`` is the Python fast
+path on trade frames; ``mixed`` the fast path on frames of trades and
 quotes interleaved; ``strict`` the layout frames with ``strict=True``; ``slow`` the same trades
 written with spaces after ``,`` and ``:`` (the exact slow path); ``orjson`` is ``orjson.loads``
 alone on the layout frames, for scale.
@@ -98,9 +99,11 @@ def best_ns_per_event(run: Callable[[], int], repeat: int) -> float:
     return best
 
 
-def router(frames: list[bytes], pipes: int, strict: bool, path: str) -> Callable[[], int]:
+def router(
+    frames: list[bytes], pipes: int, strict: bool, path: str, accelerate: bool
+) -> Callable[[], int]:
     """Return a function routing every frame once with one Splitter; it checks the path."""
-    splitter = Splitter(pipes, strict=strict)
+    splitter = Splitter(pipes, strict=strict, accelerate=accelerate)
     out: list[list[bytes]] = [[] for _ in range(pipes)]
     status: list[bytes] = []
 
@@ -140,14 +143,17 @@ def main() -> None:
 
     print(f"{'orjson':8s}           {best_ns_per_event(parse_only, args.repeat):7.1f} ns/event")
     cases = [
-        ("layout", layout_frames, False, "fast"),
-        ("mixed", mixed_frames, False, "fast"),
-        ("strict", layout_frames, True, "fast"),
-        ("slow", spaced_frames, False, "slow"),
+        ("C", layout_frames, False, "fast", True),
+        ("C mixed", mixed_frames, False, "fast", True),
+        ("layout", layout_frames, False, "fast", False),
+        ("mixed", mixed_frames, False, "fast", False),
+        ("strict", layout_frames, True, "fast", False),
+        ("slow", spaced_frames, False, "slow", False),
     ]
-    for name, frames, strict, path in cases:
+    for name, frames, strict, path, accelerate in cases:
         for pipes in (4, 16):
-            ns = best_ns_per_event(router(frames, pipes, strict, path), args.repeat)
+            run = router(frames, pipes, strict, path, accelerate)
+            ns = best_ns_per_event(run, args.repeat)
             print(f"{name:8s} {pipes:2d} pipes  {ns:7.1f} ns/event")
 
 

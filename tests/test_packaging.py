@@ -375,6 +375,8 @@ def test_the_package_holds_every_file(built: Built) -> None:
     ):
         assert path in paths, path
     assert not [path for path in paths if "__pycache__" in path or path.endswith(".pyc")]
+    package = f"{VENV}/lib/python3.11/site-packages/tradebalancer/"
+    assert [path for path in paths if path.startswith(package + "_fastsplit.")], "no C router"
 
 
 @pytest.mark.timeout(BUILD_TIMEOUT)
@@ -484,10 +486,11 @@ def test_the_installed_command_runs_from_the_final_path(built: Built, tmp_path: 
         f"{VENV}/bin/python3",
         "-I",
         "-c",
-        "import sys, orjson, prctl, sdnotify, websockets; print(sys.prefix)",
+        "import sys, orjson, prctl, sdnotify, websockets; from tradebalancer import split;"
+        " print(sys.prefix, split.Splitter(3).accelerated)",
     )
     assert imports.returncode == 0, imports.stderr
-    assert imports.stdout.strip() == VENV
+    assert imports.stdout.strip() == f"{VENV} True"  # the C router is built and loads
 
 
 _MAINTAINER_SCRIPTS = r"""

@@ -153,6 +153,11 @@ class Service:
         config = self.config
         if (warning := balance_warning(config.pipes)) is not None:
             logger.warning("%s", warning)
+        if not self.splitter.accelerated:
+            logger.warning(
+                "the C router (tradebalancer._fastsplit) is not built: events are split in "
+                "Python, at about twice the CPU per event; reinstall the package to build it"
+            )
         size = pipe_max_size() if config.pipe_size == "max" else int(config.pipe_size)
         self.pipes = open_pipes(config.pipes, size)
         workdir = command.working_directory(config, self.environ)

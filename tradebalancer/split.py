@@ -12,7 +12,15 @@ event without one routes with key ``b""`` and counts in ``unkeyed_events``. A re
 counts by its last value, as in orjson and json (RFC 8259 section 4 leaves it to the receiver),
 so a worker that parses the event sees the key it was routed by.
 
-Fast path. The feed writes ``[{"ev":"T","sym":"AAPL",...},{"ev":"T","sym":"MSFT",...}]``:
+C router. ``_fastsplit.c`` takes every frame first: a one-pass scanner that finds each event's
+exact bytes, its type and its key (last value of a repeated name, as above), hashes the key
+and writes each pipe's share of the frame as one chunk. It declines, appending nothing, what
+would need decoding or is not plainly an array of objects (non-ASCII bytes, escapes in a
+name, the type or the key, a status event, a missing or non-string type or key, deep
+nesting); the Python paths below then decide, so the C router changes speed, never results.
+tests/test_split.py runs every test with it and without it.
+
+Python fast path. The feed writes ``[{"ev":"T","sym":"AAPL",...},{"ev":"T","sym":"MSFT",...}]``:
 compact, ``ev`` first, the key second. Such a frame is cut with a few C-level passes (split,
 join, memchr) and one dict lookup per event, keyed on the event's first bytes, if:
 
@@ -48,10 +56,10 @@ Slow path: ``orjson.loads`` validates (FrameError unless an array of objects), s
 each object's bytes, keys come from the parsed dicts.
 
 Measured by tests/bench_split.py (300 trades a frame, 4,000 symbols, CPython 3.11, this 2-core
-machine), ns per event: layout path 265-295, mixed 335-410, strict 720-810, slow path
-1,420-1,640; ``orjson.loads`` alone 450-500. Most of the fast path is two allocations per
-event (the piece from split, the event from join) and four list operations; the benchmark's
-docstring lists the designs compared.
+machine), ns per event: C router about half the Python layout path; Python layout path
+265-295, mixed 335-410, strict 720-810, slow path 1,420-1,640; ``orjson.loads`` alone 450-500.
+Most of the Python fast path is two allocations per event (the piece from split, the event
+from join) and four list operations; the benchmark's docstring lists the designs compared.
 """
 
 from __future__ import annotations
@@ -65,6 +73,11 @@ import orjson
 
 from .routing import PipeMap
 from .spans import object_spans
+
+try:
+    from ._fastsplit import Router
+except ImportError:  # a source tree whose extension is not built: the Python paths alone
+    Router = None  # type: ignore[assignment,misc]
 
 __all__ = ["CACHE_LIMIT", "DEFAULT_ROUTE_KEYS", "EXCERPT_BYTES", "FrameError", "Splitter"]
 
@@ -165,6 +178,15 @@ def _lacks(data: bytes, letters: tuple[bytes, ...], name: bytes) -> bool:
     return _names(data, name) == 0
 
 
+def _parses(frame: bytes) -> bool:
+    """Return whether ``frame`` is valid JSON (strict mode's check before the fast paths)."""
+    try:
+        orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
 def _describe(value: object) -> str:
     """Name the JSON kind of a parsed value, for a FrameError's reason."""
     return _KINDS.get(type(value), "a boolean" if isinstance(value, bool) else "a number")
@@ -220,16 +242,22 @@ class Splitter:
         *,
         strict: bool = False,
         cache_limit: int = CACHE_LIMIT,
+        accelerate: bool = True,
     ) -> None:
         """Split over ``pipes`` pipes, routing each event type by its member in ``route_keys``.
 
         Types not in ``route_keys`` route by ``default_key``. With ``strict`` every frame is
         parsed in full, so a frame that is not valid JSON is never forwarded, even one the
         fast path's structural checks would take. Each pipe cache is dropped when it reaches
-        ``cache_limit`` entries.
+        ``cache_limit`` entries. With ``accelerate`` (and the extension built) the C router
+        takes every frame it can before the Python paths see it.
         """
         self._pipe_map = PipeMap(pipes, cache_limit)
         self.pipes = pipes
+        use_router = accelerate and Router is not None
+        self._router = Router(pipes, dict(route_keys), default_key) if use_router else None
+        # Whether the C router runs first (False only if the extension is not built).
+        self.accelerated = self._router is not None
         # Fixed for the splitter's life: the caches below depend on them.
         self._route_keys = dict(route_keys)
         self._default_key = default_key
@@ -246,18 +274,22 @@ class Splitter:
     def route(self, frame: bytes, out: list[list[bytes]], status: list[bytes]) -> int:
         """Route every event of ``frame`` and return how many went to pipes.
 
-        For each event other than a status event, appends its 4-byte little-endian length and
-        then its exact bytes to ``out[pipe]`` (two appends, so that ``b"".join(out[pipe])`` is
-        what the pipe gets); appends each status event's exact bytes to ``status``. Raises
-        FrameError, with ``out`` and ``status`` untouched, if the frame is not a JSON array of
-        objects, and ValueError if ``out`` does not hold one list per pipe.
+        For each event other than a status event, appends to ``out[pipe]`` its 4-byte
+        little-endian length and then its exact bytes, so that ``b"".join(out[pipe])`` is what
+        the pipe gets (the C router appends one chunk per pipe and frame, the Python paths two
+        per event: only the join is the contract); appends each status event's exact bytes to
+        ``status``. Raises FrameError, with ``out`` and ``status`` untouched, if the frame is
+        not a JSON array of objects, and ValueError if ``out`` does not hold one list per pipe.
         """
         if len(out) != self.pipes:
             raise ValueError(f"out must hold one list per pipe ({self.pipes}), got {len(out)}")
-        routed = self._route_fast(frame, out)
-        if routed >= 0:
-            self.fast_frames += 1
-            return routed
+        if not self._strict or _parses(frame):
+            routed = self._router.route(frame, out) if self._router is not None else -1
+            if routed < 0:
+                routed = self._route_fast(frame, out)
+            if routed >= 0:
+                self.fast_frames += 1
+                return routed
         try:
             routed = self._route_slow(frame, out, status)
         except FrameError:
@@ -302,11 +334,6 @@ class Splitter:
         head = self._head_of(frame[len(_FRAME_HEAD) : type_end]) if type_end > 0 else None
         if head is None:
             return -1
-        if self._strict:
-            try:
-                orjson.loads(frame)
-            except orjson.JSONDecodeError:
-                return -1
         if frame.startswith(head.prefix):
             last = frame.rfind(_SEPARATOR)
             if last < 0 or frame.startswith(head.head, last + 2):

@@ -1,0 +1,590 @@
+/*
+ * tradebalancer._fastsplit: the balancer's per-event loop in C.
+ *
+ * Owns one thing: cutting a feed frame (a JSON array of objects) into its events' exact bytes
+ * and appending each, behind its 4-byte little-endian length, to the chunk list of its pipe,
+ * the pipe being the C original's (FNV-1a 64-bit of the route key, upper 32 bits, mod N).
+ * split.py's Splitter calls it first and keeps every rule that is not about speed; see there.
+ *
+ * Router(pipes, route_keys, default_key).route(frame, out) returns the number of events routed,
+ * or -1 to decline, having appended nothing; the Python paths then decide. It declines, so
+ * that what it accepts routes exactly as a JSON parser would:
+ *   - a frame with a byte over 0x7F (its keys would need UTF-8 validation);
+ *   - anything but whitespace, '[', objects separated by ',', ']', whitespace;
+ *   - an event whose "ev" is missing, not a string or "status", or whose route key member is
+ *     missing or not a string (the Python slow path counts it as unkeyed);
+ *   - a backslash in an event's member names, its type or its key (they would need decoding),
+ *     a control byte in its key, or nesting deeper than MAX_DEPTH.
+ * Names repeat as JSON parsers take them: the last value counts. Strings are skipped exactly
+ * (escaped quotes included); members other than "ev" and the route keys are skipped, not
+ * validated, as the Python fast path does: a broken number inside an event is forwarded as is.
+ *
+ * Each call appends at most one bytes object per pipe (all of that pipe's events of the frame,
+ * each behind its length), so b"".join(out[pipe]) is what the pipe gets, as with split.py.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define FNV_OFFSET_BASIS 0xcbf29ce484222325ULL
+#define FNV_PRIME 0x100000001b3ULL
+#define MAX_DEPTH 64
+#define DECLINE (-1)
+#define FAILED (-2) /* a Python exception is set */
+
+typedef struct {
+    char *bytes;
+    Py_ssize_t size;
+} Name;
+
+typedef struct {
+    Name type;
+    int key; /* index into Router.keys */
+} TypeKey;
+
+typedef struct {
+    Py_ssize_t start; /* the event's '{' */
+    Py_ssize_t end;   /* one past its '}' */
+    uint32_t pipe;
+} Event;
+
+/* What the scan of one event found about a member it watches. */
+typedef struct Found {
+    Py_ssize_t start; /* the string's first byte, after the quote */
+    Py_ssize_t size;
+    int state; /* 0 absent, 1 a string, 2 another value, 3 a string with escapes */
+} Found;
+
+typedef struct {
+    PyObject_HEAD
+    uint32_t pipes;
+    Name *keys; /* the distinct route key names; keys[default_key] for unlisted types */
+    int key_count;
+    int default_key;
+    TypeKey *types;
+    int type_count;
+    Event *events; /* scratch, reused across calls */
+    Py_ssize_t event_capacity;
+    Py_ssize_t *pipe_bytes; /* scratch: per pipe, bytes of this frame */
+    char **cursor;          /* scratch: per pipe, where the next event goes */
+    PyObject **chunks;      /* scratch: per pipe, the bytes object being filled */
+    Found *found;           /* scratch: per route key name, its value in this event */
+} Router;
+
+
+static inline int is_space(unsigned char c)
+{
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
+/* The bytes that end a number or a literal (true, false, null). */
+static const unsigned char ENDS_LITERAL[256] = {
+    [' '] = 1, ['\t'] = 1, ['\n'] = 1, ['\r'] = 1, [','] = 1, ['}'] = 1,
+    [']'] = 1, ['{'] = 1, ['['] = 1, ['"'] = 1,
+};
+
+static inline Py_ssize_t skip_space(const unsigned char *s, Py_ssize_t i, Py_ssize_t n)
+{
+    while (i < n && is_space(s[i]))
+        i++;
+    return i;
+}
+
+/*
+ * Eight bytes at a time (SWAR): the feed's strings and numbers are a few bytes long, too short
+ * for a memchr call to pay for itself, and a byte loop's exit is a branch the CPU mispredicts
+ * once per token. Each mask has bit 7 of byte k set if byte k is a match; the lowest set bit is
+ * the first match (the borrow that can set higher bits starts at a real match).
+ */
+#define ONES 0x0101010101010101ULL
+#define HIGHS 0x8080808080808080ULL
+
+static inline uint64_t load8(const unsigned char *p)
+{
+    uint64_t word;
+    memcpy(&word, p, 8);
+    return word; /* little-endian: byte k is bits 8k..8k+7 (x86-64, arm64, ...) */
+}
+
+static inline uint64_t zero_bytes(uint64_t word)
+{
+    return (word - ONES) & ~word & HIGHS;
+}
+
+/* Bytes that are a quote or a backslash. */
+static inline uint64_t quote_or_backslash(uint64_t word)
+{
+    return zero_bytes(word ^ (ONES * '"')) | zero_bytes(word ^ (ONES * '\\'));
+}
+
+/* Bytes that are not a digit: bit 7 of (b + 0x46) is set for b > '9', of (b - 0x30) for b < '0'
+ * (ASCII only, which the frame is). */
+static inline uint64_t non_digits(uint64_t word)
+{
+    return ((word + ONES * 0x46) | (word - ONES * 0x30) | word) & HIGHS;
+}
+
+static inline Py_ssize_t first_byte(uint64_t mask)
+{
+    return __builtin_ctzll(mask) >> 3;
+}
+
+/*
+ * s[i] is an opening quote: return the index of the closing one, or -1; set *escaped if the
+ * string holds a backslash.
+ */
+static inline Py_ssize_t string_end(const unsigned char *s, Py_ssize_t i, Py_ssize_t n,
+                                    int *escaped)
+{
+    Py_ssize_t j = i + 1;
+    for (;;) {
+        while (j + 8 <= n) {
+            uint64_t mask = quote_or_backslash(load8(s + j));
+            if (mask) {
+                j += first_byte(mask);
+                break;
+            }
+            j += 8;
+        }
+        while (j < n && s[j] != '"' && s[j] != '\\')
+            j++;
+        if (j >= n)
+            return -1;
+        if (s[j] == '"')
+            return j;
+        *escaped = 1;
+        j += 2; /* the backslash and the byte it escapes, a quote perhaps */
+    }
+}
+
+/* s[i] starts a number or a literal: return the index of the byte that ends it (or n). */
+static inline Py_ssize_t literal_end(const unsigned char *s, Py_ssize_t i, Py_ssize_t n)
+{
+    for (;;) {
+        while (i + 8 <= n) {
+            uint64_t mask = non_digits(load8(s + i));
+            if (mask) {
+                i += first_byte(mask);
+                break;
+            }
+            i += 8;
+        }
+        if (i >= n || ENDS_LITERAL[s[i]])
+            return i;
+        i++; /* '.', '-', 'e', a letter of true: not an end */
+    }
+}
+
+/* s[i] opens an object or an array: return the index after its matching close, or -1. */
+static Py_ssize_t nested_end(const unsigned char *s, Py_ssize_t i, Py_ssize_t n)
+{
+    unsigned char closers[MAX_DEPTH];
+    int depth = 0;
+    while (i < n) {
+        unsigned char c = s[i];
+        if (c == '"') {
+            int escaped = 0;
+            i = string_end(s, i, n, &escaped);
+            if (i < 0)
+                return -1;
+        } else if (c == '{' || c == '[') {
+            if (depth == MAX_DEPTH)
+                return -1;
+            closers[depth++] = c == '{' ? '}' : ']';
+        } else if (c == '}' || c == ']') {
+            if (depth == 0 || closers[--depth] != c)
+                return -1;
+            if (depth == 0)
+                return i + 1;
+        }
+        i++;
+    }
+    return -1;
+}
+
+static inline int same(const unsigned char *s, Py_ssize_t start, Py_ssize_t size, const Name *name)
+{
+    /* the first byte inline: most names are one byte long, and so are most types */
+    return size == name->size && (size == 0 || (s[start] == (unsigned char)name->bytes[0] &&
+                                                 memcmp(s + start, name->bytes, (size_t)size) == 0));
+}
+
+/*
+ * s[i] is an event's '{': scan its members, fill *ev and keys[] (Found per route key name),
+ * return the index after its '}', or -1 to decline the frame.
+ */
+static Py_ssize_t scan_event(const Router *r, const unsigned char *s, Py_ssize_t i, Py_ssize_t n,
+                             Found *ev, Found *keys)
+{
+    i = skip_space(s, i + 1, n);
+    if (i < n && s[i] == '}')
+        return i + 1;
+    for (;;) {
+        if (i >= n || s[i] != '"')
+            return -1;
+        int escaped = 0;
+        Py_ssize_t name_end = string_end(s, i, n, &escaped);
+        if (name_end < 0 || escaped)
+            return -1;
+        Py_ssize_t name_start = i + 1, name_size = name_end - name_start;
+        Found *watched = NULL;
+        if (name_size == 2 && s[name_start] == 'e' && s[name_start + 1] == 'v') {
+            watched = ev;
+        } else {
+            for (int k = 0; k < r->key_count; k++) {
+                if (same(s, name_start, name_size, &r->keys[k])) {
+                    watched = &keys[k];
+                    break;
+                }
+            }
+        }
+        i = skip_space(s, name_end + 1, n);
+        if (i >= n || s[i] != ':')
+            return -1;
+        i = skip_space(s, i + 1, n);
+        if (i >= n)
+            return -1;
+        unsigned char c = s[i];
+        if (c == '"') {
+            Py_ssize_t value_end = string_end(s, i, n, &escaped);
+            if (value_end < 0)
+                return -1;
+            if (watched != NULL) {
+                watched->start = i + 1;
+                watched->size = value_end - i - 1;
+                watched->state = escaped ? 3 : 1;
+            }
+            i = value_end + 1;
+        } else {
+            if (c == '{' || c == '[') {
+                i = nested_end(s, i, n);
+                if (i < 0)
+                    return -1;
+            } else {
+                /* a number or a literal: up to the next delimiter (not validated) */
+                Py_ssize_t literal = i;
+                i = literal_end(s, i, n);
+                if (i == literal)
+                    return -1;
+            }
+            if (watched != NULL)
+                watched->state = 2;
+        }
+        i = skip_space(s, i, n);
+        if (i >= n)
+            return -1;
+        if (s[i] == '}')
+            return i + 1;
+        if (s[i] != ',')
+            return -1;
+        i = skip_space(s, i + 1, n);
+    }
+}
+
+static inline uint32_t pipe_of(const Router *r, const unsigned char *key, Py_ssize_t size)
+{
+    uint64_t digest = FNV_OFFSET_BASIS;
+    for (Py_ssize_t j = 0; j < size; j++) {
+        digest ^= key[j];
+        digest *= FNV_PRIME;
+    }
+    return (uint32_t)((digest >> 32) % r->pipes);
+}
+
+/* Return the index of the route key name for the event type s[start:start+size]. */
+static inline int key_of(const Router *r, const unsigned char *s, Py_ssize_t start,
+                         Py_ssize_t size)
+{
+    for (int t = 0; t < r->type_count; t++) {
+        if (same(s, start, size, &r->types[t].type))
+            return r->types[t].key;
+    }
+    return r->default_key;
+}
+
+static int is_ascii(const unsigned char *s, Py_ssize_t n)
+{
+    uint64_t seen = 0;
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t word;
+        memcpy(&word, s + i, 8);
+        seen |= word;
+    }
+    for (; i < n; i++)
+        seen |= s[i];
+    return (seen & 0x8080808080808080ULL) == 0;
+}
+
+static int add_event(Router *r, Py_ssize_t count, Py_ssize_t start, Py_ssize_t end, uint32_t pipe)
+{
+    if (count == r->event_capacity) {
+        Py_ssize_t capacity = r->event_capacity ? r->event_capacity * 2 : 1024;
+        Event *grown = PyMem_Realloc(r->events, (size_t)capacity * sizeof(Event));
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        r->events = grown;
+        r->event_capacity = capacity;
+    }
+    r->events[count].start = start;
+    r->events[count].end = end;
+    r->events[count].pipe = pipe;
+    return 0;
+}
+
+/* Find the frame's events into r->events; return their count, DECLINE or FAILED. */
+static Py_ssize_t scan_frame(Router *r, const unsigned char *s, Py_ssize_t n)
+{
+    if (!is_ascii(s, n))
+        return DECLINE;
+    Found *keys = r->found;
+    Py_ssize_t count = 0;
+    Py_ssize_t i = skip_space(s, 0, n);
+    if (i >= n || s[i] != '[')
+        return DECLINE;
+    i = skip_space(s, i + 1, n);
+    if (i < n && s[i] == ']')
+        return skip_space(s, i + 1, n) == n ? 0 : DECLINE;
+    for (;;) {
+        if (i >= n || s[i] != '{')
+            return DECLINE;
+        Found ev = {0, 0, 0};
+        memset(keys, 0, sizeof(Found) * (size_t)r->key_count);
+        Py_ssize_t end = scan_event(r, s, i, n, &ev, keys);
+        if (end < 0 || ev.state != 1)
+            return DECLINE;
+        if (ev.size == 6 && memcmp(s + ev.start, "status", 6) == 0)
+            return DECLINE;
+        const Found *key = &keys[key_of(r, s, ev.start, ev.size)];
+        if (key->state != 1)
+            return DECLINE;
+        for (Py_ssize_t j = key->start; j < key->start + key->size; j++) {
+            if (s[j] < 0x20)
+                return DECLINE;
+        }
+        if (add_event(r, count, i, end, pipe_of(r, s + key->start, key->size)) < 0)
+            return FAILED;
+        count++;
+        i = skip_space(s, end, n);
+        if (i >= n)
+            return DECLINE;
+        if (s[i] == ']')
+            break;
+        if (s[i] != ',')
+            return DECLINE;
+        i = skip_space(s, i + 1, n);
+    }
+    return skip_space(s, i + 1, n) == n ? count : DECLINE;
+}
+
+static PyObject *Router_route(Router *r, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "route(frame, out) takes two arguments");
+        return NULL;
+    }
+    PyObject *out = args[1];
+    if (!PyList_Check(out) || PyList_GET_SIZE(out) != (Py_ssize_t)r->pipes) {
+        PyErr_Format(PyExc_ValueError, "out must be a list of one list per pipe (%u)", r->pipes);
+        return NULL;
+    }
+    for (uint32_t p = 0; p < r->pipes; p++) {
+        if (!PyList_Check(PyList_GET_ITEM(out, p))) {
+            PyErr_SetString(PyExc_TypeError, "out must hold lists");
+            return NULL;
+        }
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *s = view.buf;
+    Py_ssize_t count = scan_frame(r, s, view.len);
+    if (count < 0) {
+        PyBuffer_Release(&view);
+        return count == FAILED ? NULL : PyLong_FromLong(-1);
+    }
+    memset(r->pipe_bytes, 0, sizeof(Py_ssize_t) * r->pipes);
+    for (Py_ssize_t e = 0; e < count; e++) {
+        const Event *event = &r->events[e];
+        r->pipe_bytes[event->pipe] += 4 + (event->end - event->start);
+    }
+    /* Allocate every chunk first, so that a failure leaves out untouched. */
+    PyObject **chunks = r->chunks;
+    for (uint32_t p = 0; p < r->pipes; p++) {
+        chunks[p] = NULL;
+        if (r->pipe_bytes[p] == 0)
+            continue;
+        chunks[p] = PyBytes_FromStringAndSize(NULL, r->pipe_bytes[p]);
+        if (chunks[p] == NULL) {
+            for (uint32_t q = 0; q < p; q++)
+                Py_XDECREF(chunks[q]);
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+        r->cursor[p] = PyBytes_AS_STRING(chunks[p]);
+    }
+    for (Py_ssize_t e = 0; e < count; e++) {
+        const Event *event = &r->events[e];
+        uint32_t size = (uint32_t)(event->end - event->start);
+        char *to = r->cursor[event->pipe];
+        to[0] = (char)(size & 0xff);
+        to[1] = (char)((size >> 8) & 0xff);
+        to[2] = (char)((size >> 16) & 0xff);
+        to[3] = (char)(size >> 24);
+        memcpy(to + 4, s + event->start, size);
+        r->cursor[event->pipe] = to + 4 + size;
+    }
+    PyBuffer_Release(&view);
+    int failed = 0;
+    for (uint32_t p = 0; p < r->pipes; p++) {
+        if (chunks[p] == NULL)
+            continue;
+        /* PyList_Append only fails without memory; the chunks after it are dropped. */
+        if (!failed && PyList_Append(PyList_GET_ITEM(out, p), chunks[p]) < 0)
+            failed = 1;
+        Py_DECREF(chunks[p]);
+    }
+    return failed ? NULL : PyLong_FromSsize_t(count);
+}
+
+static int copy_name(PyObject *text, Name *name)
+{
+    Py_ssize_t size;
+    const char *utf8 = PyUnicode_AsUTF8AndSize(text, &size);
+    if (utf8 == NULL)
+        return -1;
+    name->bytes = PyMem_Malloc(size ? (size_t)size : 1);
+    if (name->bytes == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(name->bytes, utf8, (size_t)size);
+    name->size = size;
+    return 0;
+}
+
+/* Return the index of name in r->keys, adding it if new; -1 on error. */
+static int key_index(Router *r, PyObject *text)
+{
+    Name name;
+    if (copy_name(text, &name) < 0)
+        return -1;
+    for (int k = 0; k < r->key_count; k++) {
+        if (r->keys[k].size == name.size && memcmp(r->keys[k].bytes, name.bytes, (size_t)name.size) == 0) {
+            PyMem_Free(name.bytes);
+            return k;
+        }
+    }
+    r->keys[r->key_count] = name;
+    return r->key_count++;
+}
+
+static int Router_init(Router *r, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"pipes", "route_keys", "default_key", NULL};
+    unsigned int pipes;
+    PyObject *route_keys, *default_key;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "IO!U", keywords, &pipes, &PyDict_Type,
+                                     &route_keys, &default_key))
+        return -1;
+    if (r->keys != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Router is initialised once");
+        return -1;
+    }
+    if (pipes < 1) {
+        PyErr_Format(PyExc_ValueError, "pipes must be at least 1, got %u", pipes);
+        return -1;
+    }
+    Py_ssize_t types = PyDict_Size(route_keys);
+    r->pipes = pipes;
+    r->keys = PyMem_Calloc((size_t)types + 1, sizeof(Name));
+    r->types = PyMem_Calloc((size_t)types + 1, sizeof(TypeKey));
+    r->pipe_bytes = PyMem_Calloc(pipes, sizeof(Py_ssize_t));
+    r->cursor = PyMem_Calloc(pipes, sizeof(char *));
+    r->chunks = PyMem_Calloc(pipes, sizeof(PyObject *));
+    r->found = PyMem_Calloc((size_t)types + 1, sizeof(Found));
+    if (!r->keys || !r->types || !r->pipe_bytes || !r->cursor || !r->chunks || !r->found) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    r->default_key = key_index(r, default_key);
+    if (r->default_key < 0)
+        return -1;
+    Py_ssize_t position = 0;
+    PyObject *type, *key;
+    while (PyDict_Next(route_keys, &position, &type, &key)) {
+        if (!PyUnicode_Check(type) || !PyUnicode_Check(key)) {
+            PyErr_SetString(PyExc_TypeError, "route_keys must map str to str");
+            return -1;
+        }
+        TypeKey *entry = &r->types[r->type_count];
+        if (copy_name(type, &entry->type) < 0)
+            return -1;
+        r->type_count++;
+        entry->key = key_index(r, key);
+        if (entry->key < 0)
+            return -1;
+    }
+    return 0;
+}
+
+static void Router_dealloc(Router *r)
+{
+    for (int k = 0; k < r->key_count; k++)
+        PyMem_Free(r->keys[k].bytes);
+    for (int t = 0; t < r->type_count; t++)
+        PyMem_Free(r->types[t].type.bytes);
+    PyMem_Free(r->keys);
+    PyMem_Free(r->types);
+    PyMem_Free(r->events);
+    PyMem_Free(r->pipe_bytes);
+    PyMem_Free(r->cursor);
+    PyMem_Free(r->chunks);
+    PyMem_Free(r->found);
+    Py_TYPE(r)->tp_free((PyObject *)r);
+}
+
+static PyMethodDef Router_methods[] = {
+    {"route", (PyCFunction)(void (*)(void))Router_route, METH_FASTCALL,
+     "route(frame, out) -> int\n\nAppend each event of frame, length-prefixed, to out[pipe]; "
+     "return the number of events, or -1 (nothing appended) to leave the frame to Python."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject RouterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "tradebalancer._fastsplit.Router",
+    .tp_doc = "Router(pipes, route_keys, default_key): the per-event loop of split.Splitter.",
+    .tp_basicsize = sizeof(Router),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Router_init,
+    .tp_dealloc = (destructor)Router_dealloc,
+    .tp_methods = Router_methods,
+};
+
+static struct PyModuleDef fastsplit_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "tradebalancer._fastsplit",
+    .m_doc = "The balancer's per-event loop in C: see split.py.",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC PyInit__fastsplit(void)
+{
+    if (PyType_Ready(&RouterType) < 0)
+        return NULL;
+    PyObject *module = PyModule_Create(&fastsplit_module);
+    if (module == NULL)
+        return NULL;
+    Py_INCREF(&RouterType);
+    if (PyModule_AddObject(module, "Router", (PyObject *)&RouterType) < 0) {
+        Py_DECREF(&RouterType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}
