@@ -12,7 +12,8 @@ order, so that a busy spell of the machine spreads over all of them:
 * latency at each paced rate (default 100 k and 1 M trades/s) and pipe count, from the feed's
   send to the sink's receive; the feed's timestamps change the bytes, so only counts are
   checked;
-* the ceiling: a client that does the websocket handshake, then reads and discards (ws, wss);
+* the ceiling: a client that does the websocket handshake, then reads and discards (ws, wss),
+  and at each paced rate, the latency floor (the feed's send to that client's read);
 * the baseline: websockets + json + one write per trade, with the same sinks, at each pipe
   count (fewer trades: it is some 20 times slower);
 * the reader library's rate from a full pipe.
@@ -142,6 +143,10 @@ def plan(args: argparse.Namespace, pool: Pool) -> list[Run]:
         runs.append(Run("ceiling", "ceiling", trades))
         if not args.no_tls:
             runs.append(Run("ceiling-wss", "ceiling", trades, tls=True))
+        if not args.no_latency:  # the latency floor: the feed straight into one client
+            for rate in args.rate_list:
+                paced = pool.boundary(int(rate * args.latency_seconds))
+                runs.append(Run(f"ceiling-latency-{rate_label(rate)}", "ceiling", paced, rate=rate))
     if not args.no_baseline:
         few = pool.boundary(args.baseline_trades)
         runs += [

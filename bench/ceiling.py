@@ -9,12 +9,18 @@ and ``subscribe`` messages; from the subscription on, the socket is read with ``
 ``run`` serves a stream to it as a child process (``python -m bench.ceiling --url URL
 --report FILE``); its report gives the bytes read, the CLOCK_MONOTONIC times of the first and
 the last read after subscribing, and its own CPU time over that window.
+
+With ``--latency`` (paced runs) it also takes, after each read, the feed's ``"lt"`` send
+timestamps that the read completed: the latency floor of the feed, loopback and one wake-up,
+without the balancer, its pipes or a worker's wake-up. A timestamp cut by a read boundary is
+skipped (the pattern wants its closing brace).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import socket
 import ssl
 import subprocess
@@ -31,6 +37,7 @@ from .harness import KEY, STREAM_START_TIMEOUT, Feed, Outcome, child_env, open_r
 from .source import Pool
 
 BUFFER_SIZE = 1 << 20
+_LATENCY = re.compile(rb'"lt":(\d+)\}')
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", required=True)
     parser.add_argument("--ca", help="trust this CA (wss://)")
     parser.add_argument("--report", required=True)
+    parser.add_argument("--latency", action="store_true", help='take the "lt" timestamps')
     args = parser.parse_args(argv)
     uri = parse_uri(args.url)
     sock: socket.socket = socket.create_connection((uri.host, uri.port), timeout=30)
@@ -63,14 +71,23 @@ def main(argv: list[str] | None = None) -> int:
     received = 0
     first_ns = last_ns = 0
     recv_into = sock.recv_into
+    latencies: list[int] = []
     while count := recv_into(buffer):
         last_ns = time.monotonic_ns()
         if not first_ns:
             first_ns = last_ns
         received += count
+        if args.latency:
+            latencies += [last_ns - int(t) for t in _LATENCY.findall(buffer[:count])]
     cpu = time.process_time() - cpu_start
     sock.close()
-    report = {"bytes": received, "first_ns": first_ns, "last_ns": last_ns, "cpu_s": cpu}
+    report = {
+        "bytes": received,
+        "first_ns": first_ns,
+        "last_ns": last_ns,
+        "cpu_s": cpu,
+        "latency_ns": latencies,
+    }
     with open(args.report, "w") as f:
         json.dump(report, f)
     return 0
@@ -111,6 +128,8 @@ def run(pool: Pool, feed: Feed, ca: Path | None = None) -> Outcome:
             argv = [python(), "-m", "bench.ceiling", "--url", server.url]
             if ca is not None:
                 argv += ["--ca", str(ca)]
+            if feed.timestamps:
+                argv.append("--latency")
             done = subprocess.run(
                 [*argv, "--report", str(report_path)],
                 env=child_env(),
@@ -127,6 +146,7 @@ def run(pool: Pool, feed: Feed, ca: Path | None = None) -> Outcome:
     outcome.seconds = (report["last_ns"] - report["first_ns"]) / 1e9
     outcome.cpu_ns = int(report["cpu_s"] * 1e9)
     outcome.payload_bytes = pool.payload_bytes(feed.trades)
+    outcome.latency_ns = sorted(report["latency_ns"])
     outcome.verified = report["bytes"] > outcome.payload_bytes
     if not outcome.verified:
         outcome.problems.append(

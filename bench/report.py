@@ -248,7 +248,8 @@ def render(
         out.append("")
         out.append(
             "Latency: paced feed, replay send -> sink receive (the last event of each frame); "
-            "samples pooled over the repeats."
+            "samples pooled over the repeats. Pipes '-': the floor, the feed straight into the "
+            "ceiling client (no balancer, no pipe, no worker)."
         )
         header = (
             f"{'pipes':>5}{'rate/s':>8}{'trades':>10}{'p50 us':>9}{'p99 us':>9}{'p99.9 us':>10}"
@@ -259,8 +260,9 @@ def render(
         for run in latency_rows:
             entry = figures_of[run.name]
             verdict = f"yes ({entry['verification']})" if entry["verified"] else "NO"
+            pipes = "-" if run.kind == "ceiling" else str(run.pipes)
             out.append(
-                f"{run.pipes:>5}{rate_label(run.rate or 0):>8}{_number(run.trades):>10}"
+                f"{pipes:>5}{rate_label(run.rate or 0):>8}{_number(run.trades):>10}"
                 f"{_number(entry['p50_us']):>9}{_number(entry['p99_us']):>9}"
                 f"{_number(entry['p999_us']):>10}{_number(entry['max_us']):>9}"
                 f"{_number(entry['latency_samples']):>9}{_number(entry['cpu_ns_per_trade']):>14}"
