@@ -212,6 +212,23 @@ def test_close_frame_from_the_server_ends_the_conversation_with_its_reason() -> 
     assert "1001" in str(feed.error) and "maintenance" in str(feed.error)
 
 
+@pytest.mark.parametrize("status", [CONNECTED, AUTH_OK], ids=["connected", "auth_success"])
+def test_a_status_and_a_close_frame_read_at_once_end_the_conversation(status: bytes) -> None:
+    """A handshake status with the feed's close frame behind it in one read sends no reply."""
+    feed = new_feed()
+    peer = Peer(feed)
+    if status == AUTH_OK:
+        peer.send(CONNECTED)
+    sent = len(peer.received)
+    peer.server.send_text(status)
+    peer.server.send_close(1000, "end of replay")
+    feed.receive_data(b"".join(peer.server.data_to_send()), 0.0)  # websockets is now CLOSING
+    assert feed.closed
+    assert "1000" in str(feed.error) and "end of replay" in str(feed.error)
+    peer.pump(0.0)
+    assert len(peer.received) == sent  # neither auth nor subscribe followed the close
+
+
 def test_eof_mid_frame_loses_only_the_incomplete_message() -> None:
     """Complete messages before an EOF are kept; the partial one is never returned."""
     feed = new_feed()

@@ -250,13 +250,11 @@ class Feed:
         text = str(event.get("message", ""))
         if status == "connected" and self.phase is Phase.CONNECTING:
             logger.info("connected to %s; authenticating", self.url)
-            auth = orjson.dumps({"action": "auth", "params": self._api_key})
-            self._protocol.send_text(auth)
+            self._send_text(orjson.dumps({"action": "auth", "params": self._api_key}))
             self.phase = Phase.AUTHENTICATING
         elif status == "auth_success" and self.phase is Phase.AUTHENTICATING:
             logger.info("authenticated; subscribing to %s", self._params)
-            subscribe = orjson.dumps({"action": "subscribe", "params": self._params})
-            self._protocol.send_text(subscribe)
+            self._send_text(orjson.dumps({"action": "subscribe", "params": self._params}))
             self.phase = Phase.SUBSCRIBING
         elif status == "auth_failed":
             self._fail(
@@ -288,6 +286,12 @@ class Feed:
             self._fail(CloseCode.NORMAL_CLOSURE, f"feed status {status}: {text}")
         else:
             logger.warning("feed status %s: %s", status, text)
+
+    def _send_text(self, message: bytes) -> None:
+        # One read may bring a status and the feed's close frame behind it: websockets is then
+        # already closing and refuses to send; the close ends the conversation in _process.
+        if self._protocol.state is State.OPEN:
+            self._protocol.send_text(message)
 
     def _fail(self, code: int, reason: str | None, error: FeedError | None = None) -> None:
         if error is None:
