@@ -103,40 +103,57 @@ class Pipe:
 _FIONREAD = 0x541B  # termios.FIONREAD on Linux
 
 
-def open_pipes(count: int, size: int) -> list[Pipe]:
+def open_pipes(count: int, size: int, *, largest: bool = False) -> list[Pipe]:
     """Create ``count`` pipes of about ``size`` bytes, logging the size the kernel granted.
 
     F_SETPIPE_SZ may grant more than asked (it rounds up to a power-of-two number of pages) or
-    refuse (EPERM past fs.pipe-max-size or the per-user page limits): then halve and retry, and
-    warn, so the service still runs with smaller pipes rather than not at all.
+    refuse: EPERM past fs.pipe-max-size or the per-user page limits, ENOMEM past the largest
+    ring of buffer slots the kernel allocates, whatever fs.pipe-max-size says (fs/pipe.c:
+    pipe_resize_ring() uses kcalloc; 256 MiB pipes on Debian 12's x86-64 kernel). Then halve
+    and retry, so the service still runs with smaller pipes rather than not at all, and warn.
+    With ``largest`` (pipe_size = "max") ``size`` is only a ceiling: a pipe the kernel cannot
+    make any larger (ENOMEM) is what was asked for, and no warning.
     """
     pipes: list[Pipe] = []
+    refusals: set[int] = set()
     try:
         for index in range(count):
             read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
             os.set_blocking(write_fd, False)
-            pipes.append(Pipe(index, read_fd, write_fd, _set_size(write_fd, size)))
+            pipes.append(Pipe(index, read_fd, write_fd, _set_size(write_fd, size, refusals)))
     except OSError as exc:
         close_pipes(pipes)
         raise WorkerError(
             f"cannot create pipe {len(pipes)} of {count}: {exc.strerror}; "
             "lower feeds.<name>.pipes or raise the open-file limit (LimitNOFILE=)"
         ) from exc
-    granted = {pipe.size for pipe in pipes}
-    if granted == {size}:
-        logger.info("%d pipes of %s each", count, format_size(size))
+    granted = "/".join(format_size(s) for s in sorted({pipe.size for pipe in pipes}))
+    if not refusals or (largest and refusals == {errno.ENOMEM}):
+        logger.info("%d pipes of %s each", count, granted)
+    elif refusals == {errno.ENOMEM}:
+        logger.warning(
+            "%d pipes: asked for %s each, the kernel granted %s, the largest pipe it can "
+            "allocate; lower pipe_size",
+            count,
+            format_size(size),
+            granted,
+        )
     else:
         logger.warning(
             "%d pipes: asked for %s each, the kernel granted %s; raise fs.pipe-max-size "
             "(the package's sysctl.d drop-in sets 2 GiB)",
             count,
             format_size(size),
-            "/".join(format_size(s) for s in sorted(granted)),
+            granted,
         )
     return pipes
 
 
-def _set_size(fd: int, size: int) -> int:
+def _set_size(fd: int, size: int, refusals: set[int]) -> int:
+    """Size the pipe ``fd`` to ``size`` or the largest half of it the kernel takes.
+
+    Adds the errno of every refusal to ``refusals``.
+    """
     wanted = size
     while wanted >= DEFAULT_PIPE_SIZE:
         try:
@@ -144,6 +161,7 @@ def _set_size(fd: int, size: int) -> int:
         except OSError as exc:
             if exc.errno not in (errno.EPERM, errno.EINVAL, errno.ENOMEM):
                 raise
+            refusals.add(exc.errno)
             wanted //= 2
     return fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
 

@@ -158,8 +158,9 @@ class Service:
                 "the C router (tradebalancer._fastsplit) is not built: events are split in "
                 "Python, at about twice the CPU per event; reinstall the package to build it"
             )
-        size = pipe_max_size() if config.pipe_size == "max" else int(config.pipe_size)
-        self.pipes = open_pipes(config.pipes, size)
+        largest = config.pipe_size == "max"
+        size = pipe_max_size() if largest else int(config.pipe_size)
+        self.pipes = open_pipes(config.pipes, size, largest=largest)
         workdir = command.working_directory(config, self.environ)
         env = clean_environment(self.environ, config.api_key_env)
         env["TRADEBALANCER_FEED"] = config.name
