@@ -282,7 +282,9 @@ def test_the_unit_is_hardened(scenario: Scenario) -> None:
 
 
 def test_a_wrong_key_fails_the_unit_with_77_and_no_restart(scenario: Scenario) -> None:
-    """A key the feed refuses leaves the unit failed with exit status 77, not restarting."""
+    """A key the feed refuses fails `systemctl start` and leaves the unit failed with 77."""
+    status = scenario.value("wrongkey_start_status")
+    check(scenario, "systemctl start with a wrong key exits", status, status != "0", "not 0")
     check_recorded(
         scenario,
         {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -64,6 +65,7 @@ class Balancer:
         extra: str = "",
         sink_args: str = "",
         key: str = KEY,
+        environ: dict[str, str] | None = None,
     ) -> None:
         self.tmp_path = tmp_path
         self.records = tmp_path / "records"
@@ -96,6 +98,7 @@ worker_restart.initial = 0.05
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MASSIVE", "POLYGON"))}
         env["MASSIVE_API_KEY"] = key
         env["PYTHONPATH"] = str(REPO)
+        env.update(environ or {})
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "tradebalancer", "--config", str(config), "run", "feed"],
@@ -246,6 +249,88 @@ def test_auth_failure_exits_77_without_a_reconnect_loop(
     log = balancer.log_text()
     assert "refused the API key" in log
     assert "wrong-key" not in log
+
+
+class NotifySocket:
+    """A NOTIFY_SOCKET as systemd listens on it: a datagram socket collecting the messages."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.1)
+        self.messages: list[str] = []
+
+    def collect(self) -> list[str]:
+        """Every message that arrived so far."""
+        while True:
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                return self.messages
+
+    def ready(self) -> str | None:
+        """The READY=1 message, if it came."""
+        return next((m for m in self.collect() if "READY=1" in m.splitlines()), None)
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
+    notify = NotifySocket(tmp_path / "notify")
+    yield notify
+    notify.sock.close()
+
+
+def test_ready_waits_for_the_subscription(
+    tmp_path: Path, balancers: list[Balancer], notify_socket: NotifySocket
+) -> None:
+    """READY=1 comes once the feed streams, with a STATUS line that says so."""
+    with ReplayServer(ReplayOptions(accept_keys=frozenset({KEY}), rate=1000.0)) as server:
+        balancer = Balancer(
+            tmp_path, server.url, environ={"NOTIFY_SOCKET": str(notify_socket.path)}
+        )
+        balancers.append(balancer)
+        balancer.wait_for(lambda: notify_socket.ready() is not None, what="READY=1")
+        ready = notify_socket.ready()
+        assert ready is not None and f"STATUS=streaming: {server.url}" in ready
+        assert balancer.stop() == 0
+    assert "STOPPING=1" in notify_socket.collect()[-1].splitlines()
+
+
+def test_ready_comes_while_the_feed_is_down(
+    tmp_path: Path, balancers: list[Balancer], notify_socket: NotifySocket
+) -> None:
+    """With the feed unreachable, READY=1 still comes (systemctl start returns), saying so."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()  # nothing listens there now: connection refused
+    balancer = Balancer(
+        tmp_path,
+        f"ws://127.0.0.1:{port}/stocks",
+        environ={"NOTIFY_SOCKET": str(notify_socket.path)},
+    )
+    balancers.append(balancer)
+    balancer.wait_for(lambda: notify_socket.ready() is not None, what="READY=1")
+    ready = notify_socket.ready()
+    assert ready is not None and "STATUS=reconnecting:" in ready
+    assert balancer.stop() == 0
+
+
+def test_a_refused_key_exits_77_before_ready(
+    tmp_path: Path, balancers: list[Balancer], notify_socket: NotifySocket
+) -> None:
+    """A refused key ends the process before READY=1, so `systemctl start` fails at once."""
+    with ReplayServer(ReplayOptions(accept_keys=frozenset({KEY}), events=100)) as server:
+        balancer = Balancer(
+            tmp_path,
+            server.url,
+            key="wrong-key",
+            environ={"NOTIFY_SOCKET": str(notify_socket.path)},
+        )
+        balancers.append(balancer)
+        assert balancer.process.wait(30) == 77
+    assert notify_socket.ready() is None
+    assert notify_socket.messages, "the balancer sent nothing at all: is NOTIFY_SOCKET used?"
 
 
 @pytest.mark.timeout(60)

@@ -54,6 +54,10 @@ logger = logging.getLogger(__name__)
 _WAKEUP, _SOCKET = "wakeup", "socket"
 _EXCERPT = 200  # bytes of a rejected frame shown in the log
 _MAX_READS_PER_WAKEUP = 16  # then serve timers and pipes before reading on
+# READY=1 waits for the first connection attempt to settle (streaming, or failed and retrying),
+# so that `systemctl start` fails on a refused key; a feed that accepts the connection but does
+# not answer holds it back this long at most (systemd's start timeout is 90 s by default).
+_READY_WAIT = 20.0
 FLUSH_TIMEOUT = 10.0  # on shutdown: how long backlogs may take to reach the pipes
 WORKER_EXIT_TIMEOUT = 10.0  # on shutdown: how long workers get to drain their pipes and exit
 WORKER_TERM_TIMEOUT = 5.0  # then SIGTERM, and SIGKILL after this
@@ -99,6 +103,7 @@ class Service:
         self._reconnect_at: float | None = None
         self._next_stats = 0.0
         self._next_watchdog: float | None = None
+        self._ready_by: float | None = None  # READY=1 is due by then; None once sent
         self._fallback_logged = False
         self._wakeup_read: socket.socket | None = None
         self._wakeup_write: socket.socket | None = None
@@ -111,8 +116,9 @@ class Service:
             self._install_signals()
             self._start_workers()
             now = self.clock()
+            self._ready_by = now + _READY_WAIT
             self._connect(now)
-            self.notifier.ready(self.stats.status_line(self.stats.rates(now)))
+            self._ready_when_settled(now)
             if self.notifier.watchdog_interval:
                 self._next_watchdog = now
             self._next_stats = now + self.config.stats_interval
@@ -227,6 +233,8 @@ class Service:
 
     def _timeout(self, now: float) -> float:
         deadlines = [self._next_stats]
+        if self._ready_by is not None:
+            deadlines.append(self._ready_by)
         if self._next_watchdog is not None:
             deadlines.append(self._next_watchdog)
         if self._reconnect_at is not None:
@@ -237,7 +245,16 @@ class Service:
             deadlines.append(deadline)
         return max(0.0, min(deadlines) - now)
 
+    def _ready_when_settled(self, now: float) -> None:
+        """Send READY=1 once the first attempt streams or failed, or at the latest _ready_by."""
+        if self._ready_by is None:
+            return
+        if self.stats.state in ("streaming", "reconnecting") or now >= self._ready_by:
+            self._ready_by = None
+            self.notifier.ready(self.stats.status_line(self.stats.rates(now)))
+
     def _run_timers(self, now: float) -> None:
+        self._ready_when_settled(now)
         if self._reap_needed and self.pool is not None:
             self._reap_needed = False
             self.pool.reap(now)

@@ -131,6 +131,7 @@ record replay1_listening $?
 step "start with a wrong key"
 printf '%s\n' "$WRONG_KEY" | install -m 0600 -o root /dev/stdin /etc/tradebalancer/feed.key
 systemctl start "$unit" 2>"$out/wrongkey-start.txt"
+record wrongkey_start_status $?  # READY=1 never came: the start job itself fails
 wait_for 60 failed
 # RestartSec=5: a restart, were one coming, would have happened within this wait.
 sleep 6
