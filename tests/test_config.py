@@ -162,7 +162,7 @@ def test_every_other_key_has_its_documented_default() -> None:
     assert feed.max_message_size == 16 * 1024 * 1024
     assert dataclasses.astuple(feed.reconnect) == (1.0, 60.0, 2.0, 0.5, 30.0, 300.0)
     assert dataclasses.astuple(feed.worker_restart) == (1.0, 30.0)
-    assert (feed.backlog_limit, feed.batch_bytes) == (256 << 20, 1 << 20)
+    assert (feed.backlog_limit, feed.batch_bytes) == (32 << 20, 1 << 20)
     assert feed.stats_interval == 5.0
     assert dict(feed.route_keys) == dict(DEFAULT_ROUTE_KEYS)
     assert feed.route_key_default == "sym"

@@ -349,7 +349,7 @@ def _feed(name: str, values: _Values, base: Path) -> FeedConfig:
         max_message_size=read.integer("max_message_size", 16 << 20, 65536, None, " (bytes)"),
         reconnect=reconnect,
         worker_restart=worker_restart,
-        backlog_limit=read.integer("backlog_limit", 256 << 20, 65536, None, " (bytes)"),
+        backlog_limit=read.integer("backlog_limit", 32 << 20, 65536, None, " (bytes)"),
         batch_bytes=read.integer("batch_bytes", 1 << 20, 4096, 256 << 20, " (bytes)"),
         stats_interval=read.number("stats_interval", 5.0),
         route_keys=MappingProxyType(route_keys),
