@@ -363,6 +363,19 @@ def wait_queued(sock: socket.socket, at_least: int, deadline: float) -> int:
         time.sleep(0.01)
 
 
+TCP_CLOSE_WAIT = 8  # include/net/tcp_states.h
+_TCP_STATES = {1: "ESTABLISHED", 8: "CLOSE_WAIT", 7: "CLOSE"}
+
+
+def wait_tcp_state(sock: socket.socket, state: int, deadline: float) -> str:
+    """Wait until ``sock`` is in TCP ``state`` (tcp_info's first byte); the state's name then."""
+    while True:
+        now = struct.unpack("B", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1))[0]
+        if now == state or time.monotonic() > deadline:
+            return _TCP_STATES.get(now, str(now))
+        time.sleep(0.01)
+
+
 def hand_off_now(
     sock: socket.socket, session: ktls.Session
 ) -> tuple[Transport, ktls.CryptoInfo, ktls.CryptoInfo, Facts]:
@@ -429,6 +442,28 @@ class Scenarios:
             facts["server_saw_close_notify"] = (
                 peer.wait_for("unwrapped", 30)["event"] == "unwrapped"
             )
+        return facts
+
+    def peer_gone_before_hand_off(self) -> Facts:
+        """The server hangs up after the handshake, before the hand-off: a lost connection."""
+        pair = self.plan["pairs"][-1]
+        tmp = self.directory("peer-gone-before-hand-off")
+        cert, key = Path(self.ec["cert"]), Path(self.ec["key"])
+        facts: Facts = {"pair": pair["label"]}
+        with start_peer(tmp, [["fin"]], cert=cert, key=key, **peer_options(pair)) as peer:
+            sock, session = handshake_in_user_space(peer.port, self.ec["ca"])
+            try:
+                facts["tcp_state"] = wait_tcp_state(sock, TCP_CLOSE_WAIT, time.monotonic() + 20)
+                try:
+                    session.hand_off(sock)
+                except KernelTLSUnavailable as exc:
+                    facts |= {"raised": "KernelTLSUnavailable", "message": str(exc)}
+                except TransportError as exc:
+                    facts |= {"raised": "TransportError", "message": str(exc)}
+                else:
+                    facts["raised"] = None
+            finally:
+                sock.close()
         return facts
 
     def python_deferred(self, pair: dict[str, Any]) -> Facts:
@@ -900,6 +935,7 @@ def run_with_module(plan: dict[str, Any], work: Path, recorder: Recorder) -> Non
     recorder.run(
         "tls-stat-after-pairs", lambda: {"tls_stat": last, "delta": stat_delta(first, last)}
     )
+    recorder.run("peer-gone-before-hand-off", scenarios.peer_gone_before_hand_off)
     for name in ("direct", "nginx"):
         recorder.run(f"balancer-{name}", functools.partial(balancer_run, plan, work, name))
     recorder.run("nginx-access-log", lambda: nginx_access_log(plan))

@@ -391,7 +391,10 @@ def test_every_guest_scenario_ran_to_its_end(guest: Guest) -> None:
     raised = {name: r["error"] for name, r in guest.records.items() if r["error"] is not None}
     assert not raised, "\n".join(f"{n}:\n{e}" for n, e in raised.items())
     assert guest.result.exit_code == 0, guest.result.explain()
-    assert len(guest.records) == 6 + len(PAIRS) * len(PEERS_AND_ORDERS) + 6, sorted(guest.records)
+    # 6 without the module; with it one per pair, peer and order, and 7 more: tls_stat before,
+    # after the pairs and at the end, the lost connection, the balancer direct and behind nginx,
+    # nginx's log.
+    assert len(guest.records) == 6 + len(PAIRS) * len(PEERS_AND_ORDERS) + 7, sorted(guest.records)
     print(f"\n  {len(guest.records)} guest scenarios ran, none raised; guest exit 0")
 
 
@@ -561,6 +564,16 @@ def test_alerts_and_key_updates_are_transport_errors(guest: Guest, pair: dict[st
         assert "KeyUpdate" in end and "reconnect" in end, guest.explain(record)
         ends.append(f"openssl KeyUpdate: {end}")
     print("\n  " + "\n  ".join(ends))
+
+
+def test_a_connection_lost_before_the_hand_off_is_no_kernel_tls_verdict(guest: Guest) -> None:
+    """A server gone between handshake and hand-off is a lost connection (reconnect), not 69."""
+    record = guest.record("peer-gone-before-hand-off")
+    why = guest.explain(record)
+    assert record["tcp_state"] == "CLOSE_WAIT", why
+    assert record["raised"] == "TransportError", why  # KernelTLSUnavailable would exit 69
+    assert "ended before the kernel TLS hand-off (ENOTCONN)" in record["message"], why
+    print(f"\n  peer gone before the hand-off ({record['tcp_state']}): {record['message']}")
 
 
 def test_tls_stat_counts_every_session_and_no_decrypt_error(guest: Guest) -> None:

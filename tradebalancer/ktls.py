@@ -535,11 +535,17 @@ def install(sock: socket.socket, tx: CryptoInfo, rx: CryptoInfo, address: str) -
 
     Returns None when both directions are in the kernel, or the reason transmit stayed in user
     space (receive is in the kernel). Raises KernelTLSUnavailable when nothing was handed over:
-    the socket then still carries the TLS session untouched.
+    the socket then still carries the TLS session untouched; TransportError if the connection
+    itself ended before the hand-off (the kernel takes only an established one: ENOTCONN), which
+    says nothing about kernel TLS.
     """
     try:
         sock.setsockopt(socket.IPPROTO_TCP, TCP_ULP, b"tls")
     except OSError as exc:
+        if exc.errno in _CONNECTION_GONE:
+            raise TransportError(
+                address, f"the connection ended before the kernel TLS hand-off ({_errno_name(exc)})"
+            ) from exc
         raise KernelTLSUnavailable(address, _describe_ulp_error(exc)) from exc
     try:
         sock.setsockopt(SOL_TLS, TLS_RX, rx.pack())
@@ -550,6 +556,10 @@ def install(sock: socket.socket, tx: CryptoInfo, rx: CryptoInfo, address: str) -
     except OSError as exc:
         return _describe_setup_error("transmit", tx, exc)
     return None
+
+
+# TCP_ULP on a socket the peer closed or reset (the tls module is there, the connection is not).
+_CONNECTION_GONE = frozenset({errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE})
 
 
 def _errno_name(exc: OSError) -> str:
