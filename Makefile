@@ -26,8 +26,9 @@ $(VENV)/.deps-stamp:
 	@mkdir -p $(VENV) && touch $@
 
 venv: $(VENV)/.venv-stamp
-# The editable install also builds the C router (setup.py); a change to it reinstalls.
-$(VENV)/.venv-stamp: pyproject.toml setup.py tradebalancer/_fastsplit.c $(VENV)/.deps-stamp
+# The editable install also builds the C loops (setup.py); a change to them reinstalls.
+$(VENV)/.venv-stamp: pyproject.toml setup.py tradebalancer/_fastsplit.c tradebalancer/_fastread.c \
+		$(VENV)/.deps-stamp
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

@@ -1,4 +1,4 @@
-"""The one part setuptools cannot take from pyproject.toml: the C extension of split.py."""
+"""The one part setuptools cannot take from pyproject.toml: the C loops of split and reader."""
 
 from setuptools import Extension, setup
 
@@ -8,6 +8,11 @@ setup(
             "tradebalancer._fastsplit",
             ["tradebalancer/_fastsplit.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra"],
-        )
+        ),
+        Extension(
+            "tradebalancer._fastread",
+            ["tradebalancer/_fastread.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra"],
+        ),
     ]
 )

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tradebalancer import _fastread, reader
 from tradebalancer.reader import (
     LIMIT,
     MessageParser,
@@ -59,6 +60,40 @@ def sized(length: int) -> bytes:
     """An event of exactly ``length`` bytes that ends with nested objects closing: ``}}}``."""
     prefix, suffix = b'{"a":{"b":{"c":"', b'"}}}'
     return prefix + b"y" * (length - len(prefix) - len(suffix)) + suffix
+
+
+@pytest.fixture(autouse=True, scope="module", params=["c", "python"])
+def implementation(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test runs with the C message loop, then with the Python loop alone."""
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "python":
+            patch.setattr(reader, "_parse_in_c", None)
+        yield request.param
+
+
+def test_the_c_loop_is_built_and_used(implementation: str) -> None:
+    """The extension is built; the reader uses it unless it is absent."""
+    assert (reader._parse_in_c is _fastread.parse) == (implementation == "c")
+
+
+def test_the_c_loop_stops_at_what_it_cannot_take() -> None:
+    """Complete messages only; a bad header or a short one ends the run, and says which."""
+    one, two = b'{"a":1}', b'{"b":[2]}'
+    stream = b"".join(len(m).to_bytes(4, "little") + m for m in (one, two))
+    for data, end, bad in [
+        (stream, len(stream), False),
+        (stream[:-1], 4 + len(one), False),  # the second is not complete
+        (stream + b"\x05\x00\x00", len(stream), False),  # a partial header
+        (stream + b"\x01\x00\x00\x00x", len(stream), True),  # a body that is not an object
+        (stream + b"\x00\x00\x7b\x00{", len(stream), True),  # a length at the limit
+    ]:
+        messages: list[bytes] = []
+        assert _fastread.parse(data, 0, messages) == (end, bad)
+        assert messages == [one, two][: len(messages)] and len(messages) == (1 if end < 15 else 2)
+    with pytest.raises(ValueError, match="outside"):
+        _fastread.parse(stream, len(stream) + 1, [])
+    with pytest.raises(TypeError):
+        _fastread.parse(stream, 0, ())  # type: ignore[arg-type]
 
 
 @pytest.fixture

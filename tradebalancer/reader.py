@@ -90,6 +90,11 @@ from types import TracebackType
 
 from .errors import WorkerError
 
+try:
+    from ._fastread import parse as _parse_in_c
+except ImportError:  # a source tree whose extension is not built: the Python loop alone
+    _parse_in_c = None  # type: ignore[assignment]
+
 LIMIT = 0x7B0000  # the balancer sends events shorter than this, so header byte 3 is 0, byte 2 < '{'
 OPEN_BRACE = 0x7B  # b"{"[0]
 CLOSE_BRACE = 0x7D  # b"}"[0]
@@ -263,6 +268,14 @@ class MessageParser:
         """
         size = len(data)
         base = self.position - begin  # the stream offset of data[0]
+        if _parse_in_c is not None:  # the same loop in C, with every header checked
+            position, bad = _parse_in_c(data, begin, messages)
+            if bad:
+                length, first = _HEADER_AND_FIRST.unpack_from(data, position)
+                self._check(length, first, base + position)
+                return position
+            self.position = base + position
+            return position
         if size - begin > LIMIT + 3:  # a length past the limit could complete: check each
             return self._parse_checked(data, begin, messages)
         unpack = _HEADER_AND_FIRST.unpack_from
