@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import tradebalancer
+from tradebalancer.pipes import pipe_max_size
 
 from . import (
     balancer,
@@ -259,6 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "kernel": platform.release(),
+        # The balancer runs with pipe_size = "max": what this machine's settings allow.
+        "pipe_max_size": pipe_max_size(),
         "loadavg_start": round(loadavg_start[0], 2),
         "loadavg_end": round(os.getloadavg()[0], 2),
         **{k: round(v, 3) for k, v in measure.other_load(load_start, load_end).items()},

@@ -105,10 +105,20 @@ def measure(block: bytes, ends: list[int], messages: int) -> ReaderRate:
 
 
 def _wait_until_full(fd: int, size: int, writer: subprocess.Popen[bytes]) -> None:
-    """Wait until the pipe holds all but a message's worth of ``size`` bytes (FIONREAD)."""
+    """Wait until the pipe holds all but a message's worth of ``size`` bytes (FIONREAD).
+
+    Also stop once the pipe stopped filling for a second: a large pipe (256 MiB) may take
+    less than its nominal size when the kernel cannot back every slot with a page.
+    """
     unread = bytearray(4)
+    held, since = -1, time.monotonic()
     while writer.poll() is None:
         fcntl.ioctl(fd, termios.FIONREAD, unread)
-        if struct.unpack("i", unread)[0] >= size - 4096:
+        now_held = struct.unpack("i", unread)[0]
+        if now_held >= size - 4096:
+            return
+        if now_held != held:
+            held, since = now_held, time.monotonic()
+        elif time.monotonic() - since > 1.0:
             return
         time.sleep(0.005)

@@ -203,7 +203,9 @@ def render(
         f"tradebalancer benchmark: {summary.get('repeat')} repeat(s), medians; "
         f"{machine.get('cpus')} CPUs; load average {machine.get('loadavg_start')} at start; "
         f"other work used {_number(machine.get('other_cpu_share'), 0.01)}% of the CPUs and the "
-        f"hypervisor stole {_number(machine.get('steal_share'), 0.01, 1)}% during the run"
+        f"hypervisor stole {_number(machine.get('steal_share'), 0.01, 1)}% during the run; "
+        f"fs.pipe-max-size {_number(machine.get('pipe_max_size'), 1 << 20)} MiB (the package "
+        "raises it: systemd/sysctl.d)"
     )
     out.append("")
     out.append(
