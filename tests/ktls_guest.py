@@ -45,7 +45,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from tlspeer import pattern, start_peer
+from tlspeer import pattern, receive, send, start_peer
 
 from tradebalancer import ktls
 from tradebalancer.errors import KernelTLSUnavailable, TransportError
@@ -54,7 +54,6 @@ from tradebalancer.transport import Transport, open_transport
 Facts = dict[str, Any]
 SCENARIO_SECONDS = 120  # a scenario that takes longer is stuck: its record says so
 BALANCER = "/usr/bin/tradebalancer"
-BUFFER = memoryview(bytearray(1 << 20))
 BOGUS_RECORD_TYPE = 99  # no TLS content type (RFC 8446 5.1): a server must answer with an alert
 
 
@@ -159,35 +158,6 @@ class InstallRecorder:
 
 
 # -- moving bytes ---------------------------------------------------------------------------
-
-
-def receive(transport: Transport, size: int | None, deadline: float) -> bytes:
-    """Read ``size`` bytes (None: until end of stream) as the service does: poll, then drain."""
-    data = bytearray()
-    while size is None or len(data) < size:
-        try:
-            count = transport.recv_into(BUFFER)
-        except BlockingIOError:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"received {len(data)} of {size} bytes") from None
-            select.select([transport.fileno()], [], [], remaining)
-            continue
-        if count == 0:
-            break
-        data += BUFFER[:count]
-    return bytes(data)
-
-
-def send(transport: Transport, data: bytes, deadline: float) -> None:
-    """Send ``data``, flushing whenever the socket is writable, until the queue is empty."""
-    transport.send(data)
-    while transport.wants_write():
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("the send queue did not drain")
-        select.select([], [transport.fileno()], [], remaining)
-        transport.flush()
 
 
 def digits(size: int) -> bytes:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import errno
-import select
 import socket
 import time
 from pathlib import Path
 
 import pytest
 from tlsca import make_ca, make_wrong_host_cert
-from tlspeer import pattern, start_peer
+from tlspeer import pattern, receive, send, start_peer
 
 from tradebalancer import ktls
 from tradebalancer.errors import KernelTLSUnavailable, TransportError
@@ -31,35 +30,6 @@ def _kernel_tls_missing() -> bool:
 
 
 needs_no_ktls = pytest.mark.skipif(not _kernel_tls_missing(), reason="the tls module is loaded")
-
-
-def receive(transport: Transport, size: int | None = None, timeout: float = 10.0) -> bytes:
-    """Read ``size`` bytes (or up to EOF) the way the service does: poll, then drain."""
-    data = bytearray()
-    deadline = time.monotonic() + timeout
-    while size is None or len(data) < size:
-        try:
-            count = transport.recv_into(BUFFER)
-        except BlockingIOError:
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"timed out with {len(data)} bytes"
-            select.select([transport.fileno()], [], [], remaining)
-            continue
-        if count == 0:
-            break
-        data += BUFFER[:count]
-    return bytes(data)
-
-
-def send(transport: Transport, data: bytes, timeout: float = 10.0) -> None:
-    """Send ``data`` and flush whenever the socket is writable until the queue is empty."""
-    transport.send(data)
-    deadline = time.monotonic() + timeout
-    while transport.wants_write():
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, "timed out sending"
-        select.select([], [transport.fileno()], [], remaining)
-        transport.flush()
 
 
 def connect(port: int, ca: Path, **options: object) -> Transport:

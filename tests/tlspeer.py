@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import queue
+import select
 import socket
 import ssl
 import struct
@@ -25,7 +26,10 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tradebalancer.transport import Transport
 
 _OPENSSL_CONF = """openssl_conf = default_conf
 [default_conf]
@@ -41,6 +45,48 @@ def pattern(size: int) -> bytes:
     """``size`` bytes that are unlikely to line up by accident (a 251-byte cycle)."""
     cycle = bytes(range(251))
     return (cycle * (size // 251 + 1))[:size]
+
+
+# -- the client's side of a conversation with the peer, through a tradebalancer Transport ----
+
+_BUFFER = memoryview(bytearray(4 << 20))  # the service's receive buffer is 1-4 MiB
+
+
+def receive(transport: Transport, size: int | None = None, deadline: float | None = None) -> bytes:
+    """Read ``size`` bytes (None: to end of stream) as the service does: poll, then drain.
+
+    Raises TimeoutError past ``deadline`` (CLOCK_MONOTONIC; default: 10 s from now).
+    """
+    deadline = time.monotonic() + 10.0 if deadline is None else deadline
+    data = bytearray()
+    while size is None or len(data) < size:
+        try:
+            count = transport.recv_into(_BUFFER)
+        except BlockingIOError:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"received {len(data)} of {size} bytes") from None
+            select.select([transport.fileno()], [], [], remaining)
+            continue
+        if count == 0:
+            break
+        data += _BUFFER[:count]
+    return bytes(data)
+
+
+def send(transport: Transport, data: bytes, deadline: float | None = None) -> None:
+    """Send ``data``, flushing whenever the socket is writable, until the queue is empty.
+
+    Raises TimeoutError past ``deadline`` (CLOCK_MONOTONIC; default: 10 s from now).
+    """
+    deadline = time.monotonic() + 10.0 if deadline is None else deadline
+    transport.send(data)
+    while transport.wants_write():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the send queue did not drain")
+        select.select([], [transport.fileno()], [], remaining)
+        transport.flush()
 
 
 class Peer:
