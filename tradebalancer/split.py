@@ -256,13 +256,13 @@ class Splitter:
         """
         self._pipe_map = PipeMap(pipes, cache_limit)
         self.pipes = pipes
-        use_router = accelerate and Router is not None
-        self._router = Router(pipes, dict(route_keys), default_key) if use_router else None
-        # Whether the C router runs first (False only if the extension is not built).
-        self.accelerated = self._router is not None
-        # Fixed for the splitter's life: the caches below depend on them.
+        # Fixed for the splitter's life: the caches below and the C router's tables depend on them.
         self._route_keys = dict(route_keys)
         self._default_key = default_key
+        use_router = accelerate and Router is not None
+        self._router = Router(pipes, self._route_keys, default_key) if use_router else None
+        # Whether the C router runs first (False only if the extension is not built).
+        self.accelerated = self._router is not None
         self._strict = strict
         self._cache_limit = cache_limit
         self.fast_frames = 0
