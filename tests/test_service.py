@@ -333,6 +333,55 @@ def test_a_refused_key_exits_77_before_ready(
     assert notify_socket.messages, "the balancer sent nothing at all: is NOTIFY_SOCKET used?"
 
 
+def test_a_feed_gone_while_the_balancer_answers_it_is_a_reconnect(
+    tmp_path: Path, balancers: list[Balancer]
+) -> None:
+    """The feed says "connected" and resets the connection: the auth send fails, and the
+    balancer reconnects instead of stopping (it stopped before, on the EPIPE)."""
+    import struct
+    import threading
+
+    from websockets.http11 import Request
+    from websockets.server import ServerProtocol
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    accepted: list[int] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            protocol = ServerProtocol()
+            request = None
+            while request is None and (data := conn.recv(65536)):
+                protocol.receive_data(data)
+                events = protocol.events_received()
+                request = next((e for e in events if isinstance(e, Request)), None)
+            if request is not None:
+                protocol.send_response(protocol.accept(request))
+                protocol.send_text(b'[{"ev":"status","status":"connected","message":"hi"}]')
+                conn.sendall(b"".join(protocol.data_to_send()))
+            # A reset right behind "connected": the balancer's answer meets a dead socket.
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        balancer = Balancer(tmp_path, f"ws://127.0.0.1:{port}/stocks")
+        balancers.append(balancer)
+        balancer.wait_for(lambda: len(accepted) >= 3, what="three connection attempts")
+        assert balancer.process.poll() is None, balancer.log_text()
+        assert balancer.stop() == 0
+    finally:
+        listener.close()
+    assert "reconnecting" in balancer.log_text()
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("problem", ["unknown CA", "wrong host"])
 def test_a_certificate_that_does_not_verify_is_refused(

@@ -457,9 +457,13 @@ class Service:
         feed, transport = self.feed, self.transport
         if feed is None or transport is None:
             return
-        for data in feed.data_to_send():
-            if data:  # b"" asks for a half-close: the socket is closed as a whole instead
-                transport.send(data)
+        try:
+            for data in feed.data_to_send():
+                if data:  # b"" asks for a half-close: the socket is closed as a whole instead
+                    transport.send(data)
+        except TransportError as exc:  # the peer went away (EPIPE, ECONNRESET): reconnect
+            self._disconnect(str(exc), now)
+            return
         if transport.wants_write():
             self._flush_transport(now)
         if feed.streaming_since is not None and self.stats.state != "streaming":
@@ -503,9 +507,12 @@ class Service:
         if feed is not None and not feed.closed:
             feed.close()
         if feed is not None:
-            for data in feed.data_to_send():
-                if data:
-                    transport.send(data)
+            # The close frame, if the socket still takes it: a peer that is gone already
+            # (EPIPE, ECONNRESET) is what we are disconnecting from.
+            with contextlib.suppress(TransportError):
+                for data in feed.data_to_send():
+                    if data:
+                        transport.send(data)
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(transport.fileno())
         transport.close()
