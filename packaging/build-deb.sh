@@ -73,6 +73,9 @@ fi
 
 # The build must not see the caller's Python environment (a developer's activated venv).
 unset PYTHONPATH PYTHONHOME PYTHONSTARTUP VIRTUAL_ENV PIP_REQUIRE_VIRTUALENV PIP_TARGET PIP_USER
+# Nor share pip's cache: two pip installs at once corrupt it (pypa/pip#9034), and the upgrade
+# test builds two versions side by side. A fresh cache costs a few seconds of downloads.
+export PIP_CACHE_DIR="$BUILD_DIR/pip-cache"
 echo "build-deb: building tradebalancer $VERSION in $SRC (log: $BUILD_DIR/build.log)"
 if ! (cd "$SRC" && dpkg-buildpackage -us -uc -b) >"$BUILD_DIR/build.log" 2>&1; then
 	tail -n 40 "$BUILD_DIR/build.log" >&2

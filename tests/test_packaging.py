@@ -301,6 +301,11 @@ class Built:
     extracted: Path
 
 
+def callers_pip_cache(build_dir: Path) -> Path:
+    """The pip cache that build_package's caller would share with every other pip run."""
+    return build_dir.with_name(f"{build_dir.name}-callers-pip-cache")
+
+
 def build_package(build_dir: Path, out_dir: Path, version: str | None = None) -> Path:
     """Run packaging/build-deb.sh into ``out_dir`` and return the one .deb it made."""
     for tool in ("dpkg-buildpackage", "dh", "dpkg-deb"):
@@ -311,6 +316,7 @@ def build_package(build_dir: Path, out_dir: Path, version: str | None = None) ->
         "TB_DEB_BUILD_DIR": str(build_dir),
         "TB_DEB_OUT_DIR": str(out_dir),
         "TB_DEB_LINTIAN": "0",
+        "PIP_CACHE_DIR": str(callers_pip_cache(build_dir)),
     }
     if version is not None:
         env["TB_DEB_VERSION"] = version
@@ -351,6 +357,13 @@ def test_the_package_is_named_after_the_version(built: Built) -> None:
     version = deb_field(built.deb, "Version")
     assert version == f"{tradebalancer.__version__}-1"
     assert built.deb.name == f"tradebalancer_{version}_{arch}.deb"
+
+
+@pytest.mark.timeout(BUILD_TIMEOUT)
+def test_the_build_keeps_its_own_pip_cache(built: Built) -> None:
+    """Two builds at once must not share pip's cache, which concurrent installs corrupt."""
+    assert not callers_pip_cache(built.build_dir).exists()
+    assert any((built.build_dir / "pip-cache").iterdir())
 
 
 @pytest.mark.timeout(BUILD_TIMEOUT)
