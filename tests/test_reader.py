@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import subprocess
@@ -268,6 +269,37 @@ def test_a_stream_entered_anywhere_in_its_first_two_messages_resyncs_at_the_next
 ) -> None:
     """From every offset of the first two messages the parser skips exactly to the next start."""
     check_every_offset_of_the_first_two_messages(first + rest, split)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(any_events, min_size=1, max_size=6),
+    st.integers(0, 40),
+    st.lists(st.integers(1, 1 << 17), min_size=1, max_size=12),
+)
+def test_reads_into_one_reused_buffer_give_messages_of_their_own(
+    bodies: list[bytes], offset: int, reads: list[int]
+) -> None:
+    """The Reader hands the parser views of one buffer it overwrites: nothing may alias it."""
+    stream = b"".join(map(frame, bodies))[offset:]
+    buffer = bytearray(max(reads))
+    parser = MessageParser()
+    messages: list[bytes] = []
+    position = 0
+    for size in itertools.cycle(reads):
+        chunk = stream[position : position + size]
+        if not chunk:
+            break
+        position += len(chunk)
+        buffer[: len(chunk)] = chunk
+        messages += parser.receive_data(memoryview(buffer)[: len(chunk)])
+        buffer[:] = b"\xff" * len(buffer)  # the next read lands here
+    parser.receive_eof()
+    skipped = b"".join(parser.skipped_received())
+    assert parser.error is None
+    assert all(type(message) is bytes for message in messages)
+    assert skipped + b"".join(map(frame, messages)) == stream
+    assert messages == bodies[len(bodies) - len(messages) :]
 
 
 def check_every_offset_of_the_first_two_messages(bodies: list[bytes], split: int) -> None:
