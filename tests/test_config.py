@@ -74,6 +74,7 @@ INVALID = [
     ('command = "worker --fast"', "command", "a non-empty array of strings", '"worker --fast"'),
     ('command = ["w", 3]', "command[1]", "a non-empty string", "3"),
     ('pass_fds = "prepend"', "pass_fds", 'one of "append", "none"', '"prepend"'),
+    ('worker_scheduling = "fifo"', "worker_scheduling", 'one of "batch", "other"', '"fifo"'),
     ('tls = "fast"', "tls", 'one of "auto", "kernel", "user"', '"fast"'),
     ('tls = "kernel"\nurl = "ws://127.0.0.1:9943/"', "tls", '"kernel" needs a wss:// url', "ws://"),
     ('ca_file = "/nonexistent/ca.pem"', "ca_file", "a PEM CA bundle", '"/nonexistent/ca.pem"'),
@@ -577,6 +578,7 @@ def test_the_shipped_file_loads_and_its_feed_runs_the_sample_worker() -> None:
     assert feed.url == "wss://socket.massive.com/stocks"
     assert feed.subscribe == ("T.*",)
     assert feed.pass_fds == "append"
+    assert feed.worker_scheduling == "batch"
     for worker in range(feed.workers):
         fds = [str(3 + offset) for offset in range(len(pipes_for_worker(feed, worker)))]
         assert argv_for(feed, worker, "/var/lib/tradebalancer/feed") == [

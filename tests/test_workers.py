@@ -8,6 +8,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -83,6 +84,24 @@ def test_worker_gets_exactly_its_pipes_as_fds_3_and_up(tmp_path: Path) -> None:
     assert report["own_group"]
     for name in ("NOTIFY_SOCKET", "MASSIVE_API_KEY", "MY_KEY"):
         assert name not in report["env"]
+
+
+@pytest.mark.parametrize(
+    ("scheduling", "policy"), [("batch", os.SCHED_BATCH), ("other", os.SCHED_OTHER)]
+)
+def test_the_pool_starts_workers_under_the_scheduling_policy_asked_for(
+    tmp_path: Path, scheduling: Literal["batch", "other"], policy: int
+) -> None:
+    """SCHED_BATCH by default: a worker its pipe wakes does not preempt the balancer."""
+    report = tmp_path / "policy"
+    code = f"import os; open({str(report)!r}, 'w').write(str(os.sched_getscheduler(0)))"
+    worker = Worker(index=0, argv=[sys.executable, "-c", code], read_fds=[], pipe_indexes=[])
+    pool = WorkerPool([worker], cwd=str(tmp_path), env=dict(os.environ), scheduling=scheduling)
+    pool.spawn_all(0.0)
+    wait_until_reaped(pool, 0.0)
+    assert worker.exit_status == 0
+    assert int(report.read_text()) == policy
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the balancer's own is untouched
 
 
 def test_fds_already_sitting_at_3_and_up_are_moved_without_clobbering(tmp_path: Path) -> None:

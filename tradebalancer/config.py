@@ -59,6 +59,7 @@ _Values = dict[str, tuple[object, str]]  # flat key ("reconnect.max") -> (value,
 _Choice = TypeVar("_Choice", bound=str)
 _TLS_MODES: tuple[Literal["auto", "kernel", "user"], ...] = ("auto", "kernel", "user")
 _PASS_FDS: tuple[Literal["append", "none"], ...] = ("append", "none")
+_SCHEDULING: tuple[Literal["batch", "other"], ...] = ("batch", "other")
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class FeedConfig:
     working_directory: str | None  # None: $STATE_DIRECTORY if set, else "."
     command: CommandTemplate
     pass_fds: Literal["append", "none"]
+    worker_scheduling: Literal["batch", "other"]
     tls: Literal["auto", "kernel", "user"]
     ca_file: str | None
     server_hostname: str | None
@@ -340,6 +342,7 @@ def _feed(name: str, values: _Values, base: Path) -> FeedConfig:
         working_directory=working_directory,
         command=command,
         pass_fds=read.choice("pass_fds", "append", _PASS_FDS),
+        worker_scheduling=read.choice("worker_scheduling", "batch", _SCHEDULING),
         tls=tls,
         ca_file=ca_file,
         server_hostname=read.optional("server_hostname"),

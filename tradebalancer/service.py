@@ -189,6 +189,7 @@ class Service:
             env=env,
             respawn_initial=config.worker_restart.initial,
             respawn_max=config.worker_restart.max,
+            scheduling=config.worker_scheduling,
             on_exit=self._on_worker_exit,
         )
         self.pool.spawn_all(self.clock())

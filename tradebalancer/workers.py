@@ -4,8 +4,10 @@ Owns the child processes. A worker is forked and exec'ed with exactly its pipes'
 file descriptors 3, 4, ... (in pipe order), stdin from /dev/null, stdout and stderr inherited
 (the journal under systemd), in the working directory, in its own process group (a Ctrl-C on
 the terminal reaches the balancer only, which then ends the workers in order), with
-PR_SET_PDEATHSIG so it dies with the balancer, and with an environment cleaned of the notify
-socket, the watchdog and every secret.
+PR_SET_PDEATHSIG so it dies with the balancer, with an environment cleaned of the notify
+socket, the watchdog and every secret, and by default under SCHED_BATCH (``worker_scheduling``):
+the balancer wakes a worker with every write to its pipe, and a woken SCHED_OTHER task may
+preempt the one running on its CPU, the balancer itself halfway through writing the other pipes.
 
 Spawning is done by hand rather than with subprocess so that the descriptor shuffle is exact:
 the pipes' read ends may sit at any number, including 3, 4, ... themselves, so the child first
@@ -28,6 +30,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import prctl
 
@@ -84,14 +87,19 @@ def clean_environment(environ: Mapping[str, str], secrets: Sequence[str] = ()) -
     return {key: value for key, value in environ.items() if key not in dropped}
 
 
-def spawn(worker: Worker, *, cwd: str, env: Mapping[str, str], now: float) -> None:
-    """Fork and exec ``worker``; raise WorkerError if the program cannot be started."""
+def spawn(
+    worker: Worker, *, cwd: str, env: Mapping[str, str], now: float, batch: bool = False
+) -> None:
+    """Fork and exec ``worker``; raise WorkerError if the program cannot be started.
+
+    ``batch`` runs it under SCHED_BATCH: see WorkerPool.
+    """
     parent = os.getpid()
     status_read, status_write = os.pipe2(os.O_CLOEXEC)
     env_list = dict(env)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child execs or reports through status_write
-        _exec_child(worker, cwd, env_list, parent, status_write)
+        _exec_child(worker, cwd, env_list, parent, status_write, batch)
     os.close(status_write)
     with os.fdopen(status_read, "rb") as status:
         failure = status.read()
@@ -110,7 +118,7 @@ def spawn(worker: Worker, *, cwd: str, env: Mapping[str, str], now: float) -> No
 
 
 def _exec_child(  # pragma: no cover - runs between fork and exec
-    worker: Worker, cwd: str, env: dict[str, str], parent: int, status_write: int
+    worker: Worker, cwd: str, env: dict[str, str], parent: int, status_write: int, batch: bool
 ) -> None:
     try:
         # Die with the balancer, and close the race where it died before this line ran.
@@ -118,6 +126,8 @@ def _exec_child(  # pragma: no cover - runs between fork and exec
         if os.getppid() != parent:
             os._exit(0)
         os.setpgid(0, 0)
+        if batch:
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
         for signum in (signal.SIGPIPE, signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
@@ -183,9 +193,11 @@ class WorkerPool:
         env: Mapping[str, str],
         respawn_initial: float = 1.0,
         respawn_max: float = 30.0,
+        scheduling: Literal["batch", "other"] = "batch",
         on_exit: Callable[[Worker, int], None] | None = None,
     ) -> None:
         self.workers = list(workers)
+        self.scheduling = scheduling  # "batch": SCHED_BATCH, see the module docstring
         self.cwd = cwd
         self.env = dict(env)
         self.respawn_initial = respawn_initial
@@ -297,7 +309,7 @@ class WorkerPool:
     def _spawn(self, worker: Worker, now: float) -> None:
         env = dict(self.env)
         env["TRADEBALANCER_WORKER"] = str(worker.index)
-        spawn(worker, cwd=self.cwd, env=env, now=now)
+        spawn(worker, cwd=self.cwd, env=env, now=now, batch=self.scheduling == "batch")
 
 
 def _ranges(indexes: Sequence[int]) -> str:
