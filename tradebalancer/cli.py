@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import __version__, command, config, replay
+from . import __version__, command, config, credentials, replay
 from .errors import ConfigError, ExitCode, TradeBalancerError
 from .routing import balance_warning
 from .systemd import Notifier, configure_logging
@@ -124,8 +124,8 @@ def check_config(path: str, names: Sequence[str], *, require_key: bool) -> int:
     for feed in feeds:
         key_source = "not checked"
         try:
-            config.resolve_api_key(feed, os.environ)
-            key_source = config.describe_api_key_source(feed, os.environ)
+            credentials.resolve_api_key(feed, os.environ)
+            key_source = credentials.describe_api_key_source(feed, os.environ)
         except ConfigError:
             if require_key:
                 raise
@@ -148,13 +148,13 @@ def run(path: str, name: str) -> int:
     from .service import Service
 
     feed = config.load(path).feed(name)
-    api_key = config.resolve_api_key(feed, os.environ)
+    api_key = credentials.resolve_api_key(feed, os.environ)
     logger.info(
         "tradebalancer %s starting feed %s: %s, API key from %s",
         __version__,
         name,
         feed.url,
-        config.describe_api_key_source(feed, os.environ),
+        credentials.describe_api_key_source(feed, os.environ),
     )
     service = Service(feed, api_key, notifier=Notifier())
     return service.run()

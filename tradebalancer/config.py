@@ -1,9 +1,9 @@
 """The configuration file: TOML in, frozen dataclasses out, or a ConfigError naming the key.
 
 Owns the meaning of every key of ``/etc/tradebalancer.toml`` (``etc/tradebalancer.toml`` in
-the source tree documents each one), its default and its validation, and where the API key
-comes from. Reads the configuration file and, when asked, the API key file; otherwise only
-checks that ``ca_file`` exists.
+the source tree documents each one), its default and its validation. Reads the configuration
+file and nothing else but for checking that ``ca_file`` exists; the API key file is read by
+``credentials``.
 
 The file holds one ``[feeds.NAME]`` table per feed instance (``tradebalancer@NAME`` under
 systemd) and an optional ``[defaults]`` table whose keys every feed inherits unless it sets
@@ -11,8 +11,8 @@ them itself; sub-tables (``reconnect``, ``worker_restart``, ``route_keys``) merg
 Every error names the key path where the value was written ("feeds.stocks.pipes",
 "defaults.reconnect.max"), what was expected and what was found. Unknown keys are errors, with
 the nearest known key suggested: a misspelt key silently falling back to its default is the
-worst kind of configuration bug. The API key is never stored here, never logged and never put
-in a message.
+worst kind of configuration bug. An API key written in the file is refused with a message
+that says where the key belongs, and never repeats it.
 """
 
 from __future__ import annotations
@@ -35,8 +35,6 @@ from .command import (
     argv_for,
     check_variables,
     compile_command,
-    expand_variables,
-    unset_variables,
 )
 from .errors import ConfigError
 from .split import DEFAULT_ROUTE_KEYS
@@ -192,61 +190,6 @@ def loads(text: str, path: str = "<string>") -> Config:
             )
         parsed[name] = _feed(name, _collect(defaults, _table(table, f"feeds.{name}"), name), base)
     return Config(MappingProxyType(parsed), path)
-
-
-def resolve_api_key(feed: FeedConfig, environ: Mapping[str, str]) -> str:
-    """Return the API key of ``feed``: from ``api_key_file``, else the first ``api_key_env``."""
-    return _find_api_key(feed, environ)[0]
-
-
-def describe_api_key_source(feed: FeedConfig, environ: Mapping[str, str]) -> str:
-    """Say where ``resolve_api_key`` finds the key ("file ...", "environment variable ...")."""
-    return _find_api_key(feed, environ)[1]
-
-
-def _find_api_key(feed: FeedConfig, environ: Mapping[str, str]) -> tuple[str, str]:
-    key_path = f"feeds.{feed.name}.api_key_file"
-    if not feed.api_key_file:
-        looked = "api_key_file is empty"
-    elif unset := unset_variables(feed.api_key_file, environ):
-        looked = f"api_key_file {feed.api_key_file} was not read (${unset[0]} is not set)"
-    else:
-        file = expand_variables(feed.api_key_file, environ, key_path)
-        try:
-            text = Path(file).read_bytes().decode("utf-8")
-        except FileNotFoundError:
-            looked = f"{file} does not exist"
-        except OSError as exc:
-            raise ConfigError(key_path, f"cannot read {file}: {exc.strerror or exc}") from exc
-        except UnicodeDecodeError as exc:
-            raise ConfigError(key_path, f"{file} is not UTF-8 text") from exc
-        else:
-            return _check_key(text, file, key_path), f"file {file}"
-    for name in feed.api_key_env:
-        if environ.get(name, "").strip():
-            env_path = f"feeds.{feed.name}.api_key_env"
-            return _check_key(environ[name], f"${name}", env_path), f"environment variable {name}"
-    if feed.api_key_env:
-        verb = "is" if len(feed.api_key_env) == 1 else "are"
-        env_text = f"{', '.join(feed.api_key_env)} {verb} unset or empty"
-    else:
-        env_text = "api_key_env names no variable"
-    first = feed.api_key_env[0] if feed.api_key_env else "a variable named in api_key_env"
-    raise ConfigError(
-        key_path,
-        f"no API key: {looked}, and {env_text}; put the key in the file api_key_file names "
-        f"(systemd: LoadCredential=api-key:/etc/tradebalancer/{feed.name}.key, as the packaged "
-        f"unit does) or set {first}",
-    )
-
-
-def _check_key(text: str, source: str, key_path: str) -> str:
-    key = text.strip()
-    if not key:
-        raise ConfigError(key_path, f"the API key in {source} is empty")
-    if any(character.isspace() or not character.isprintable() for character in key):
-        raise ConfigError(key_path, f"the API key in {source} has spaces or control characters")
-    return key
 
 
 def _collect(defaults: Mapping[str, object], table: Mapping[str, object], name: str) -> _Values:
