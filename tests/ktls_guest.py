@@ -47,7 +47,7 @@ from typing import Any
 
 from tlspeer import pattern, receive, send, start_peer
 
-from tradebalancer import ktls
+from tradebalancer import ktls, tlskeys, tlssocket
 from tradebalancer.errors import KernelTLSUnavailable, TransportError
 from tradebalancer.transport import Transport, open_transport
 
@@ -84,7 +84,7 @@ def tls_module_loaded() -> bool:
     return any(line.split()[0] == "tls" for line in Path("/proc/modules").read_text().splitlines())
 
 
-def _layout(info: ktls.CryptoInfo) -> dict[str, slice]:
+def _layout(info: tlskeys.CryptoInfo) -> dict[str, slice]:
     """Where each field of ``info.pack()`` lies (include/uapi/linux/tls.h)."""
     offsets, start = {}, 4
     for name, size in (("iv", len(info.iv)), ("key", len(info.key)), ("salt", len(info.salt))):
@@ -94,15 +94,15 @@ def _layout(info: ktls.CryptoInfo) -> dict[str, slice]:
     return offsets
 
 
-def read_back(sock: socket.socket, tx: ktls.CryptoInfo, rx: ktls.CryptoInfo) -> Facts:
+def read_back(sock: socket.socket, tx: tlskeys.CryptoInfo, rx: tlskeys.CryptoInfo) -> Facts:
     """What getsockopt(SOL_TLS, TLS_TX/TLS_RX) returns, compared with what was handed over.
 
     Never reports key bytes: only whether each field matches, and the public numbers.
     """
     facts: Facts = {}
-    for direction, option, info in (("tx", ktls.TLS_TX, tx), ("rx", ktls.TLS_RX, rx)):
+    for direction, option, info in (("tx", tlssocket.TLS_TX, tx), ("rx", tlssocket.TLS_RX, rx)):
         expected = info.pack()
-        got = sock.getsockopt(ktls.SOL_TLS, option, len(expected))
+        got = sock.getsockopt(tlssocket.SOL_TLS, option, len(expected))
         layout = _layout(info)
         facts[f"{direction}_readback_matches"] = got == expected
         facts[f"{direction}_readback_differs_in"] = [
@@ -118,14 +118,14 @@ def read_back(sock: socket.socket, tx: ktls.CryptoInfo, rx: ktls.CryptoInfo) -> 
     return facts
 
 
-def read_sequence(sock: socket.socket, tx: ktls.CryptoInfo, rx: ktls.CryptoInfo) -> Facts:
+def read_sequence(sock: socket.socket, tx: tlskeys.CryptoInfo, rx: tlskeys.CryptoInfo) -> Facts:
     """The kernel's current sequence numbers (and TLS 1.2 AES-GCM transmit nonce) now."""
     facts: Facts = {}
-    for direction, option, info in (("tx", ktls.TLS_TX, tx), ("rx", ktls.TLS_RX, rx)):
-        got = sock.getsockopt(ktls.SOL_TLS, option, len(info.pack()))
+    for direction, option, info in (("tx", tlssocket.TLS_TX, tx), ("rx", tlssocket.TLS_RX, rx)):
+        got = sock.getsockopt(tlssocket.SOL_TLS, option, len(info.pack()))
         layout = _layout(info)
         facts[f"{direction}_rec_seq_after"] = int.from_bytes(got[layout["rec_seq"]], "big")
-        if direction == "tx" and info.version == ktls.TLS_1_2_VERSION and info.salt:
+        if direction == "tx" and info.version == tlskeys.TLS_1_2_VERSION and info.salt:
             # TLS 1.2 AES-GCM: the kernel sends its explicit nonce and counts it up per record.
             nonce = int.from_bytes(got[layout["iv"]], "big") - int.from_bytes(info.iv, "big")
             facts["tx_explicit_nonce_advance"] = nonce
@@ -133,15 +133,16 @@ def read_sequence(sock: socket.socket, tx: ktls.CryptoInfo, rx: ktls.CryptoInfo)
 
 
 class InstallRecorder:
-    """Records what ``ktls.install`` is given (it still runs unchanged) during a ``with``.
+    """Records what ``tlssocket.install`` is given (it still runs unchanged) during a ``with``.
 
     open_transport derives and installs the crypto info in one call; recording the call is
-    the only way to compare what the kernel reads back with what the code derived.
+    the only way to compare what the kernel reads back with what the code derived. The
+    recorder takes the place of ``install`` in ``ktls``, where ``Session.hand_off`` finds it.
     """
 
     def __init__(self) -> None:
-        self.calls: list[tuple[socket.socket, ktls.CryptoInfo, ktls.CryptoInfo]] = []
-        self._real = ktls.install
+        self.calls: list[tuple[socket.socket, tlskeys.CryptoInfo, tlskeys.CryptoInfo]] = []
+        self._real = tlssocket.install
 
     def __enter__(self) -> InstallRecorder:
         ktls.install = self._install
@@ -151,7 +152,7 @@ class InstallRecorder:
         ktls.install = self._real
 
     def _install(
-        self, sock: socket.socket, tx: ktls.CryptoInfo, rx: ktls.CryptoInfo, address: str
+        self, sock: socket.socket, tx: tlskeys.CryptoInfo, rx: tlskeys.CryptoInfo, address: str
     ) -> str | None:
         self.calls.append((sock, tx, rx))
         return self._real(sock, tx, rx, address)
@@ -167,7 +168,7 @@ def digits(size: int) -> bytes:
 
 def send_bogus_record(sock: socket.socket) -> None:
     """Have the kernel send one record of a content type TLS does not define."""
-    control = [(ktls.SOL_TLS, ktls.TLS_SET_RECORD_TYPE, bytes([BOGUS_RECORD_TYPE]))]
+    control = [(tlssocket.SOL_TLS, tlssocket.TLS_SET_RECORD_TYPE, bytes([BOGUS_RECORD_TYPE]))]
     sock.sendmsg([b"\x00"], control)
 
 
@@ -348,7 +349,7 @@ def wait_tcp_state(sock: socket.socket, state: int, deadline: float) -> str:
 
 def hand_off_now(
     sock: socket.socket, session: ktls.Session
-) -> tuple[Transport, ktls.CryptoInfo, ktls.CryptoInfo, Facts]:
+) -> tuple[Transport, tlskeys.CryptoInfo, tlskeys.CryptoInfo, Facts]:
     """Hand the session to the kernel now; the transport over it, what was derived, facts."""
     tx, rx = session.crypto_info()
     partial = session.hand_off(sock)
@@ -811,9 +812,9 @@ def ulp_as_this_user() -> Facts:
     facts: Facts = {"uid": os.getuid(), "effective_capabilities": _capabilities()}
     with listener, socket.create_connection(listener.getsockname()) as sock:
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, ktls.TCP_ULP, b"tls")
+            sock.setsockopt(socket.IPPROTO_TCP, tlssocket.TCP_ULP, b"tls")
         except OSError as exc:
-            facts["tcp_ulp"] = ktls.describe_os_error(exc)
+            facts["tcp_ulp"] = tlssocket.describe_os_error(exc)
         else:
             facts["tcp_ulp"] = "set"
     facts["tls_module_loaded"] = tls_module_loaded()

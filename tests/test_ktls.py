@@ -9,7 +9,6 @@ record the server must accept, building nonces and additional data from the RFCs
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import socket
@@ -19,24 +18,22 @@ from pathlib import Path
 
 import pytest
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
-from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from hypothesis import given
 from hypothesis import strategies as st
 from tlsca import make_ca
 from tlspeer import start_peer
 
-from tradebalancer import ktls
+from tradebalancer import ktls, tlskeys, tlssocket
 from tradebalancer.errors import KernelTLSUnavailable, TransportError
 
 PAIRS = [
-    ("1.2", "ECDHE-ECDSA-AES128-GCM-SHA256", ktls.TLS_CIPHER_AES_GCM_128),
-    ("1.2", "ECDHE-ECDSA-AES256-GCM-SHA384", ktls.TLS_CIPHER_AES_GCM_256),
-    ("1.2", "ECDHE-ECDSA-CHACHA20-POLY1305", ktls.TLS_CIPHER_CHACHA20_POLY1305),
-    ("1.3", "TLS_AES_128_GCM_SHA256", ktls.TLS_CIPHER_AES_GCM_128),
-    ("1.3", "TLS_AES_256_GCM_SHA384", ktls.TLS_CIPHER_AES_GCM_256),
-    ("1.3", "TLS_CHACHA20_POLY1305_SHA256", ktls.TLS_CIPHER_CHACHA20_POLY1305),
+    ("1.2", "ECDHE-ECDSA-AES128-GCM-SHA256", tlskeys.TLS_CIPHER_AES_GCM_128),
+    ("1.2", "ECDHE-ECDSA-AES256-GCM-SHA384", tlskeys.TLS_CIPHER_AES_GCM_256),
+    ("1.2", "ECDHE-ECDSA-CHACHA20-POLY1305", tlskeys.TLS_CIPHER_CHACHA20_POLY1305),
+    ("1.3", "TLS_AES_128_GCM_SHA256", tlskeys.TLS_CIPHER_AES_GCM_128),
+    ("1.3", "TLS_AES_256_GCM_SHA384", tlskeys.TLS_CIPHER_AES_GCM_256),
+    ("1.3", "TLS_CHACHA20_POLY1305_SHA256", tlskeys.TLS_CIPHER_CHACHA20_POLY1305),
 ]
 SERVER_TEXT = "records the kernel would decrypt"
 CLIENT_TEXT = "a record the kernel would encrypt"
@@ -48,13 +45,13 @@ CLIENT_TEXT = "a record the kernel would encrypt"
 class KernelRecords:
     """One direction of a record layer keyed exactly as the kernel would be by ``info``."""
 
-    def __init__(self, info: ktls.CryptoInfo) -> None:
+    def __init__(self, info: tlskeys.CryptoInfo) -> None:
         self.info = info
         self.seq = info.rec_seq
         self.explicit = int.from_bytes(info.iv, "big")  # TLS 1.2 AES-GCM transmit counter
-        gcm = info.cipher_type != ktls.TLS_CIPHER_CHACHA20_POLY1305
+        gcm = info.cipher_type != tlskeys.TLS_CIPHER_CHACHA20_POLY1305
         self.aead = AESGCM(info.key) if gcm else ChaCha20Poly1305(info.key)
-        self.explicit_nonce = gcm and info.version == ktls.TLS_1_2_VERSION
+        self.explicit_nonce = gcm and info.version == tlskeys.TLS_1_2_VERSION
 
     def _xor_nonce(self, seq: int) -> bytes:
         base = int.from_bytes(self.info.salt + self.info.iv, "big")
@@ -62,7 +59,7 @@ class KernelRecords:
 
     def open(self, header: bytes, body: bytes, seq: int) -> tuple[int, bytes]:
         """Decrypt one record read from the server: (content type, plaintext)."""
-        if self.info.version == ktls.TLS_1_3_VERSION:
+        if self.info.version == tlskeys.TLS_1_3_VERSION:
             inner = self.aead.decrypt(self._xor_nonce(seq), body, header).rstrip(b"\0")
             return inner[-1], inner[:-1]
         if self.explicit_nonce:
@@ -76,9 +73,9 @@ class KernelRecords:
         """Encrypt one record to the server, as the next record the kernel would send."""
         seq = self.seq
         self.seq += 1
-        if self.info.version == ktls.TLS_1_3_VERSION:
+        if self.info.version == tlskeys.TLS_1_3_VERSION:
             length = len(plaintext) + 1 + 16
-            header = bytes([ktls.APPLICATION_DATA, 3, 3]) + length.to_bytes(2, "big")
+            header = bytes([tlssocket.APPLICATION_DATA, 3, 3]) + length.to_bytes(2, "big")
             inner = plaintext + bytes([content_type])
             return header + self.aead.encrypt(self._xor_nonce(seq), inner, header)
         aad = seq.to_bytes(8, "big") + bytes([content_type, 3, 3])
@@ -137,10 +134,10 @@ def receive_application_data(
         raw.append((header, body))
         content_type, plaintext = records.open(header, body, records.seq)
         records.seq += 1
-        if content_type == ktls.HANDSHAKE and plaintext[:1] == b"\x04":
+        if content_type == tlssocket.HANDSHAKE and plaintext[:1] == b"\x04":
             tickets += 1  # TLS 1.3 NewSessionTicket, which the kernel hands up as type 22
         else:
-            assert content_type == ktls.APPLICATION_DATA
+            assert content_type == tlssocket.APPLICATION_DATA
             data += plaintext
     return data, tickets, raw
 
@@ -174,7 +171,7 @@ def test_hand_off_right_after_the_handshake(
         with pytest.raises(InvalidTag):
             KernelRecords(rx).open(header, body, rx.rec_seq + 1)
 
-        sock.sendall(KernelRecords(tx).seal(ktls.APPLICATION_DATA, CLIENT_TEXT.encode()))
+        sock.sendall(KernelRecords(tx).seal(tlssocket.APPLICATION_DATA, CLIENT_TEXT.encode()))
         assert peer.wait_for("received")["data"] == CLIENT_TEXT
         sock.close()
 
@@ -207,13 +204,13 @@ def test_hand_off_after_application_data_in_user_space(
         tickets = 2 if version == "1.3" else 0
         assert rx.rec_seq == before_rx + tickets + 1
         assert tx.cipher_type == cipher_type
-        if version == "1.2" and cipher_type != ktls.TLS_CIPHER_CHACHA20_POLY1305:
+        if version == "1.2" and cipher_type != tlskeys.TLS_CIPHER_CHACHA20_POLY1305:
             # The kernel's first explicit nonce follows the one OpenSSL last used (RFC 5288 3).
             assert int.from_bytes(tx.iv, "big") == int.from_bytes(hello_record[5:13], "big") + 1
 
         data, _, _ = receive_application_data(sock, KernelRecords(rx), len(SERVER_TEXT))
         assert data.decode() == SERVER_TEXT
-        sock.sendall(KernelRecords(tx).seal(ktls.APPLICATION_DATA, CLIENT_TEXT.encode()))
+        sock.sendall(KernelRecords(tx).seal(tlssocket.APPLICATION_DATA, CLIENT_TEXT.encode()))
         assert peer.wait_for("received")["data"] == CLIENT_TEXT
         sock.close()
 
@@ -267,7 +264,7 @@ def test_user_mode_context_keeps_openssl_default_ciphers() -> None:
     kernel = {c["name"] for c in ktls.create_context(kernel=True).get_ciphers()}
     user = {c["name"] for c in ktls.create_context(kernel=False).get_ciphers()}
     tls12 = {name for name in kernel if not name.startswith("TLS_")}
-    assert tls12 and all(("TLSv1.2", name) in ktls.SUITES for name in tls12)
+    assert tls12 and all(("TLSv1.2", name) in tlskeys.SUITES for name in tls12)
     assert user > kernel
 
 
@@ -287,84 +284,6 @@ def test_handshake_errors_are_transport_errors(tmp_path: Path) -> None:
 # -- the pure parts ----------------------------------------------------------------------
 
 
-class _Info(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint16), ("cipher_type", ctypes.c_uint16)]
-
-
-def _struct(iv: int, key: int, salt: int) -> type[ctypes.Structure]:
-    """``struct tls12_crypto_info_*`` of include/uapi/linux/tls.h, rebuilt with ctypes."""
-
-    class CryptoInfo(ctypes.Structure):
-        _fields_ = [
-            ("info", _Info),
-            ("iv", ctypes.c_ubyte * iv),
-            ("key", ctypes.c_ubyte * key),
-            ("salt", ctypes.c_ubyte * salt),
-            ("rec_seq", ctypes.c_ubyte * 8),
-        ]
-
-    return CryptoInfo
-
-
-@pytest.mark.parametrize(
-    ("cipher_type", "iv", "key", "salt", "size"),
-    [
-        (ktls.TLS_CIPHER_AES_GCM_128, 8, 16, 4, 40),
-        (ktls.TLS_CIPHER_AES_GCM_256, 8, 32, 4, 56),
-        (ktls.TLS_CIPHER_CHACHA20_POLY1305, 12, 32, 0, 56),
-    ],
-)
-def test_pack_matches_the_kernel_struct(
-    cipher_type: int, iv: int, key: int, salt: int, size: int
-) -> None:
-    """CryptoInfo.pack() lays out the bytes of the C struct in tls.h, field by field."""
-    info = ktls.CryptoInfo(
-        ktls.TLS_1_3_VERSION, cipher_type, os.urandom(key), os.urandom(iv), os.urandom(salt), 7
-    )
-    structure = _struct(iv, key, salt)()
-    structure.info.version, structure.info.cipher_type = info.version, info.cipher_type
-    structure.iv[:] = list(info.iv)
-    structure.key[:] = list(info.key)
-    if salt:
-        structure.salt[:] = list(info.salt)
-    structure.rec_seq[:] = list((7).to_bytes(8, "big"))
-    assert ctypes.sizeof(structure) == size
-    assert info.pack() == bytes(structure)
-    assert "key" not in repr(info) and info.key.hex() not in repr(info)
-
-
-@given(st.binary(min_size=1, max_size=64), st.binary(max_size=16), st.integers(1, 300))
-def test_hkdf_expand_label_is_hkdf_expand_with_the_tls13_label(
-    secret: bytes, context: bytes, length: int
-) -> None:
-    """hkdf_expand_label equals RFC 5869 HKDF-Expand with the HkdfLabel of RFC 8446 7.1."""
-    label = b"tls13 key"
-    info = length.to_bytes(2, "big") + bytes([len(label)]) + label
-    info += bytes([len(context)]) + context
-    secret = secret.ljust(32, b"\0")  # HKDF-Expand wants a PRK of at least the hash size
-    expected = HKDFExpand(hashes.SHA256(), length, info).derive(secret)
-    assert ktls.hkdf_expand_label(secret, b"key", context, length, "sha256") == expected
-
-
-def test_derive_refuses_what_the_kernel_cannot_take() -> None:
-    """An unsupported cipher or a missing secret is a ValueError that names it."""
-    with pytest.raises(ValueError, match="ECDHE-RSA-AES128-SHA256"):
-        ktls.derive_crypto_info(
-            "TLSv1.2", "ECDHE-RSA-AES128-SHA256", {}, client_random=b"", server_random=b"",
-            tx_seq=1, rx_seq=1,
-        )  # fmt: skip
-    with pytest.raises(ValueError, match="SERVER_TRAFFIC_SECRET_0"):
-        ktls.derive_crypto_info(
-            "TLSv1.3", "TLS_AES_128_GCM_SHA256", {"CLIENT_TRAFFIC_SECRET_0": bytes(32)},
-            client_random=b"", server_random=None, tx_seq=0, rx_seq=0,
-        )  # fmt: skip
-    with pytest.raises(ValueError, match="ServerHello"):
-        ktls.derive_crypto_info(
-            "TLSv1.2", "ECDHE-RSA-AES128-GCM-SHA256", {"CLIENT_RANDOM": bytes(48)},
-            client_random=bytes(32), server_random=None, tx_seq=1, rx_seq=1,
-        )  # fmt: skip
-
-
 @given(st.lists(st.binary(max_size=40), max_size=8), st.data())
 def test_record_counter_follows_any_split(bodies: list[bytes], data: st.DataObject) -> None:
     """RecordCounter counts records and keeps the last body prefix however the stream is cut."""
@@ -380,66 +299,6 @@ def test_record_counter_follows_any_split(bodies: list[bytes], data: st.DataObje
     assert counter.last_prefix == (bodies[-1][:8] if bodies else b"")
 
 
-def _control(version: int, *records: tuple[int, bytes]) -> tuple[bool, ktls.ControlRecords]:
-    control = ktls.ControlRecords(version)
-    closed = False
-    for record_type, payload in records:
-        closed = control.receive(record_type, payload) or closed
-    return closed, control
-
-
-def _message(kind: int, body: bytes = b"") -> bytes:
-    return bytes([kind]) + len(body).to_bytes(3, "big") + body
-
-
-TLS13, TLS12 = ktls.TLS_1_3_VERSION, ktls.TLS_1_2_VERSION
-HS, ALERT = ktls.HANDSHAKE, ktls.ALERT
-
-
-@pytest.mark.parametrize(
-    ("version", "records", "closed", "error"),
-    [
-        (TLS13, [(HS, _message(4, bytes(40)))], False, None),
-        (TLS13, [(HS, _message(4, bytes(9)) + _message(4, bytes(3)))], False, None),
-        (
-            TLS13,
-            [(HS, _message(4, bytes(40))[:10]), (HS, _message(4, bytes(40))[10:])],
-            False,
-            None,
-        ),
-        (TLS13, [(HS, _message(24, b"\x00"))], False, "KeyUpdate"),
-        (TLS13, [(HS, _message(13, bytes(8)))], False, "unexpected handshake message (type 13)"),
-        (TLS12, [(HS, _message(0))], False, None),
-        (TLS13, [(ALERT, b"\x01\x00")], True, None),
-        (TLS13, [(ALERT, b"\x01\x5a"), (ALERT, b"\x01\x00")], True, None),
-        (TLS13, [(ALERT, b"\x02\x14")], False, "bad_record_mac (20)"),
-        (TLS13, [(ALERT, b"\x01\x28")], False, "handshake_failure (40)"),
-        (TLS12, [(ALERT, b"\x01\x64")], False, None),
-        (TLS12, [(ALERT, b"\x02\x50")], False, "internal_error (80)"),
-        (TLS13, [(ALERT, b"\x01")], False, "malformed"),
-        (TLS13, [(20, b"\x01")], False, "content type 20"),
-    ],
-)
-def test_control_records(
-    version: int, records: list[tuple[int, bytes]], closed: bool, error: str | None
-) -> None:
-    """Control records: tickets and HelloRequest are skipped, close_notify ends, the rest fail."""
-    got_closed, control = _control(version, *records)
-    assert got_closed is closed
-    if error is None:
-        assert control.error is None
-    else:
-        assert control.error is not None and error in control.error
-
-
-@given(st.sampled_from([TLS12, TLS13]), st.lists(st.tuples(st.integers(0, 255), st.binary())))
-def test_control_records_never_raise(version: int, records: list[tuple[int, bytes]]) -> None:
-    """Whatever the server sends, ControlRecords records an error instead of raising."""
-    closed, control = _control(version, *records)
-    assert isinstance(closed, bool)
-    assert control.error is None or isinstance(control.error, str)
-
-
 # -- the kernel interface on this machine ------------------------------------------------
 
 
@@ -447,7 +306,7 @@ def _ulp_available() -> bool:
     listener = socket.create_server(("127.0.0.1", 0))
     with listener, socket.create_connection(listener.getsockname()) as sock:
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, ktls.TCP_ULP, b"tls")
+            sock.setsockopt(socket.IPPROTO_TCP, tlssocket.TCP_ULP, b"tls")
         except OSError as exc:
             return exc.errno != errno.ENOENT
     return True
@@ -474,33 +333,3 @@ def test_install_without_the_module_names_it(tmp_path: Path) -> None:
         sock.sendall(session.data_to_send())
         assert peer.wait_for("received")["data"] == "ok"
         sock.close()
-
-
-def test_receive_into_reads_plain_data_and_eof() -> None:
-    """Without record-type control messages, recvmsg data is application data; 0 is EOF."""
-    left, right = socket.socketpair()
-    right.sendall(b"payload")
-    right.shutdown(socket.SHUT_WR)
-    buffer = memoryview(bytearray(64))
-    control = ktls.ControlRecords(TLS13)
-    count = ktls.receive_into(left, buffer, control, "pair")
-    assert bytes(buffer[:count]) == b"payload"
-    assert ktls.receive_into(left, buffer, control, "pair") == 0
-    left.close()
-    right.close()
-
-
-def test_receive_into_translates_a_reset() -> None:
-    """A connection reset during a kernel TLS read is a TransportError naming ECONNRESET."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    client = socket.create_connection(listener.getsockname())
-    server, _ = listener.accept()
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
-    client.sendall(b"unread")  # unread data makes close() send a reset
-    time.sleep(0.05)
-    server.close()
-    client.settimeout(5)
-    with pytest.raises(TransportError, match="ECONNRESET"):
-        ktls.receive_into(client, memoryview(bytearray(64)), ktls.ControlRecords(TLS13), "here")
-    client.close()
-    listener.close()

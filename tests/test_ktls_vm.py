@@ -31,7 +31,7 @@ from test_packaging import build_package
 from tlsca import make_ca
 from vm import VMResult, run_in_vm, vm_available
 
-from tradebalancer import ktls, synth
+from tradebalancer import synth, tlskeys
 from tradebalancer.routing import pipe_for
 
 TESTS = Path(__file__).resolve().parent
@@ -44,9 +44,9 @@ KEY = "ktls-test-key-5309"
 PIPES, WORKERS = 5, 2
 NGINX_PORT, REPLAY_BEHIND_NGINX_PORT = 9445, 9944
 _AES128, _AES256, _CHACHA = (
-    ktls.TLS_CIPHER_AES_GCM_128,
-    ktls.TLS_CIPHER_AES_GCM_256,
-    ktls.TLS_CIPHER_CHACHA20_POLY1305,
+    tlskeys.TLS_CIPHER_AES_GCM_128,
+    tlskeys.TLS_CIPHER_AES_GCM_256,
+    tlskeys.TLS_CIPHER_CHACHA20_POLY1305,
 )
 # (version, label, Python peer's suite (ECDSA certificate), s_server's (RSA), kernel cipher)
 PAIRS: list[dict[str, Any]] = [
@@ -474,7 +474,9 @@ def test_both_directions_run_in_the_kernel(
     assert (record["tls"], record["tx_mode"], record["rx_mode"]) == ("kernel",) * 3, why
     assert record["tls_version"] == f"TLSv{pair['version']}", why
     assert record["cipher"] == pair[peer], why
-    version = f"{ktls.TLS_1_3_VERSION if pair['version'] == '1.3' else ktls.TLS_1_2_VERSION:#06x}"
+    version = (
+        f"{tlskeys.TLS_1_3_VERSION if pair['version'] == '1.3' else tlskeys.TLS_1_2_VERSION:#06x}"
+    )
     for direction in ("tx", "rx"):
         differs = record[f"{direction}_readback_differs_in"]
         assert record[f"{direction}_readback_matches"], f"{direction} differs in {differs}\n{why}"

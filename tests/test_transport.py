@@ -11,7 +11,7 @@ import pytest
 from tlsca import make_ca, make_wrong_host_cert
 from tlspeer import pattern, receive, send, start_peer
 
-from tradebalancer import ktls
+from tradebalancer import tlssocket
 from tradebalancer.errors import KernelTLSUnavailable, TransportError
 from tradebalancer.transport import TLS_MODES, Transport, open_transport
 
@@ -23,7 +23,7 @@ def _kernel_tls_missing() -> bool:
     listener = socket.create_server(("127.0.0.1", 0))
     with listener, socket.create_connection(listener.getsockname()) as sock:
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, ktls.TCP_ULP, b"tls")
+            sock.setsockopt(socket.IPPROTO_TCP, tlssocket.TCP_ULP, b"tls")
         except OSError as exc:
             return exc.errno == errno.ENOENT
     return False

@@ -3,7 +3,8 @@
 Owns connecting (TCP with TCP_NODELAY), the verified TLS handshake, the kernel TLS hand-off
 and its fallback, then moving bytes: non-blocking receive straight into the caller's buffer,
 a send queue, close_notify on close. Must not touch: websockets, events, the event loop (the
-service polls ``fileno()``); how a session is handed to the kernel lives in ``ktls.py``.
+service polls ``fileno()``); how a session is handed to the kernel lives in ``ktls.py`` and
+``tlssocket.py``.
 
 Each direction runs in one of three modes:
 
@@ -17,7 +18,7 @@ Each direction runs in one of three modes:
 reason in ``fallback_reason`` (the TLS session is never restarted for that: OpenSSL simply
 keeps the session it negotiated). If the server accepts none of the ciphers kernel TLS takes,
 "auto" connects again with OpenSSL's default ciphers. If the kernel takes receive but not
-transmit, transmit stays with OpenSSL (see ktls.py: the directions are independent) and
+transmit, transmit stays with OpenSSL (see tlssocket.py: the directions are independent) and
 ``fallback_reason`` says so. "kernel" raises KernelTLSUnavailable instead of any fallback;
 "user" never tries.
 """
@@ -32,9 +33,9 @@ import time
 from collections.abc import Callable
 from typing import cast
 
-from . import ktls
+from . import ktls, tlssocket
 from .errors import KernelTLSUnavailable, TransportError
-from .ktls import describe_os_error
+from .tlssocket import describe_os_error
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class Transport:
         self.cipher = cipher[0] if cipher else None
         self._sock = sock
         self._session = session
-        self._control = ktls.ControlRecords(session.version) if session is not None else None
+        self._control = tlssocket.ControlRecords(session.version) if session is not None else None
         self._outgoing = bytearray()
         self._eof = False
         self._closed = False
@@ -101,7 +102,7 @@ class Transport:
             return 0
         if self.rx_mode == "kernel":
             assert self._control is not None
-            count = ktls.receive_into(self._sock, buffer, self._control, self.address)
+            count = tlssocket.receive_into(self._sock, buffer, self._control, self.address)
         elif self.rx_mode == "user":
             count = self._receive_user(buffer)
         else:
@@ -207,7 +208,7 @@ class Transport:
         if not self._outgoing:
             with contextlib.suppress(OSError):
                 if self.tx_mode == "kernel":
-                    ktls.send_close_notify(self._sock)
+                    tlssocket.send_close_notify(self._sock)
                 elif self.tx_mode == "user" and self._session is not None:
                     with contextlib.suppress(ssl.SSLError):  # WantRead: the reply is not awaited
                         self._session.object.unwrap()
