@@ -1,6 +1,6 @@
 """Synthetic trades and recording files: the frames the replay feed serves.
 
-Owns two things the replay feed (``replay.py``) reads from: a deterministic generator of
+Owns two things the replay feed reads from (``replay_frames.py``): a deterministic generator of
 realistic stock trades, and the recording file format. It does no networking.
 
 Synthetic trades look like the Massive (Polygon.io) stocks trade events, with the fields in the
