@@ -26,7 +26,8 @@ import termios
 import time
 from collections.abc import Callable
 
-from tradebalancer.reader import MessageParser, Reader, aread_batches
+from tradebalancer.framing import MessageParser
+from tradebalancer.reader import Reader, aread_batches
 
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1 << 20

@@ -1,19 +1,19 @@
 /*
- * tradebalancer._fastread: the worker side's per-message loop in C, for reader.py.
+ * tradebalancer._fastread: the worker side's per-message loop in C, for framing.py.
  *
  * parse(data, begin, messages) -> (end, bad): from the boundary data[begin], appends to the
  * list messages each complete message's body (the bytes after its 4-byte little-endian
  * length) while the headers are sound: length below LIMIT and body starting with '{'. Stops at
  * the first message that is not complete, or at a bad header, and returns its offset and
  * whether it was bad. MessageParser keeps everything else (partial headers, the resync rule,
- * the error it records), so this changes speed, never results: tests/test_reader.py runs with
- * it and without it.
+ * the error it records), so this changes speed, never results: tests/test_framing.py and
+ * tests/test_reader.py run with it and without it.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
 
-#define LIMIT 0x7B0000UL /* reader.LIMIT */
+#define LIMIT 0x7B0000UL /* framing.LIMIT */
 #define OPEN_BRACE '{'
 
 static PyObject *parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -71,7 +71,7 @@ static PyMethodDef fastread_methods[] = {
 static struct PyModuleDef fastread_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "tradebalancer._fastread",
-    .m_doc = "The worker side's per-message loop in C: see reader.py.",
+    .m_doc = "The worker side's per-message loop in C: see framing.py.",
     .m_size = -1,
     .m_methods = fastread_methods,
 };

@@ -10,7 +10,7 @@ command line can tell "our" failures (a message for the user) from bugs (a trace
      +-- TransportError     TCP, TLS and kernel TLS                               -> reconnect
      |    +-- KernelTLSUnavailable  tls = "kernel" but the kernel can't take it   -> exit 69
      +-- WorkerError        pipes and worker processes                            -> exit 71
-          +-- reader.ProtocolError  a worker's pipe stream is corrupt (worker side)
+          +-- framing.ProtocolError  a worker's pipe stream is corrupt (worker side)
 
 Errors are translated at the boundary (``raise TransportError(...) from exc``), carry their
 fields, and build the message in ``__str__``: what is wrong, then what to do.
