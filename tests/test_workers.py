@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -102,6 +103,41 @@ def test_the_pool_starts_workers_under_the_scheduling_policy_asked_for(
     assert worker.exit_status == 0
     assert int(report.read_text()) == policy
     assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the balancer's own is untouched
+
+
+# A balancer that may not leave SCHED_IDLE (no CAP_SYS_NICE, RLIMIT_NICE 0) starts one worker.
+REFUSED_POLICY = r"""
+import logging, os, resource, sys, time, prctl
+from tradebalancer.workers import Worker, WorkerPool
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+resource.setrlimit(resource.RLIMIT_NICE, (0, 0))
+prctl.cap_effective.sys_nice = False
+report = sys.argv[1]
+code = f"import os; open({report!r}, 'w').write(str(os.sched_getscheduler(0)))"
+worker = Worker(index=0, argv=[sys.executable, "-c", code], read_fds=[], pipe_indexes=[])
+pool = WorkerPool([worker], cwd=os.getcwd(), env=dict(os.environ))
+pool.spawn_all(0.0)
+while not pool.reap(0.0):
+    time.sleep(0.01)
+"""
+
+
+def test_a_refused_sched_batch_is_a_warning_and_the_worker_runs(tmp_path: Path) -> None:
+    """Where the kernel refuses SCHED_BATCH the worker still starts, and the log says why once."""
+    report = tmp_path / "policy"
+    result = subprocess.run(
+        [sys.executable, "-c", REFUSED_POLICY, str(report)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert int(report.read_text()) == os.SCHED_IDLE
+    assert result.stderr.count("WARNING") == 1
+    assert "worker 0 runs under SCHED_IDLE, not SCHED_BATCH: the kernel refused" in result.stderr
+    assert 'worker_scheduling = "other"' in result.stderr
 
 
 def test_fds_already_sitting_at_3_and_up_are_moved_without_clobbering(tmp_path: Path) -> None:

@@ -40,6 +40,14 @@ logger = logging.getLogger(__name__)
 
 FIRST_FD = 3  # the C original's contract: pipes start right after stdin, stdout and stderr
 
+_POLICY_NAMES = {
+    os.SCHED_OTHER: "SCHED_OTHER",
+    os.SCHED_BATCH: "SCHED_BATCH",
+    os.SCHED_IDLE: "SCHED_IDLE",
+    os.SCHED_FIFO: "SCHED_FIFO",
+    os.SCHED_RR: "SCHED_RR",
+}
+
 # Never handed to a worker: the service manager's channels and the credentials.
 SCRUBBED_ENVIRONMENT = frozenset(
     {
@@ -92,7 +100,8 @@ def spawn(
 ) -> None:
     """Fork and exec ``worker``; raise WorkerError if the program cannot be started.
 
-    ``batch`` runs it under SCHED_BATCH: see WorkerPool.
+    ``batch`` asks for SCHED_BATCH (see the module docstring); a refusal is not an error here:
+    the worker runs under the policy it inherited, which the caller can read back.
     """
     parent = os.getpid()
     status_read, status_write = os.pipe2(os.O_CLOEXEC)
@@ -127,7 +136,8 @@ def _exec_child(  # pragma: no cover - runs between fork and exec
             os._exit(0)
         os.setpgid(0, 0)
         if batch:
-            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+            with contextlib.suppress(OSError):  # WorkerPool reads the policy back and says so
+                os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
         for signum in (signal.SIGPIPE, signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
@@ -198,6 +208,7 @@ class WorkerPool:
     ) -> None:
         self.workers = list(workers)
         self.scheduling = scheduling  # "batch": SCHED_BATCH, see the module docstring
+        self._policy_warned = False
         self.cwd = cwd
         self.env = dict(env)
         self.respawn_initial = respawn_initial
@@ -310,6 +321,25 @@ class WorkerPool:
         env = dict(self.env)
         env["TRADEBALANCER_WORKER"] = str(worker.index)
         spawn(worker, cwd=self.cwd, env=env, now=now, batch=self.scheduling == "batch")
+        if self.scheduling == "batch" and not self._policy_warned:
+            self._check_policy(worker)
+
+    def _check_policy(self, worker: Worker) -> None:
+        """Warn once if the kernel refused SCHED_BATCH: a slower worker, not a broken one."""
+        assert worker.pid is not None
+        try:
+            policy = os.sched_getscheduler(worker.pid)
+        except OSError:  # already gone: its exit is reported when it is reaped
+            return
+        if policy != os.SCHED_BATCH:
+            self._policy_warned = True
+            logger.warning(
+                "worker %d runs under %s, not SCHED_BATCH: the kernel refused "
+                "the change (a seccomp filter, or SCHED_IDLE without CAP_SYS_NICE); the workers "
+                'keep the policy they inherit. worker_scheduling = "other" stops asking',
+                worker.index,
+                _POLICY_NAMES.get(policy, f"scheduling policy {policy}"),
+            )
 
 
 def _ranges(indexes: Sequence[int]) -> str:
