@@ -67,7 +67,6 @@ except ImportError:  # a source tree whose extension is not built: the Python lo
 LIMIT = 0x7B0000  # the balancer sends events shorter than this, so header byte 3 is 0, byte 2 < '{'
 OPEN_BRACE = 0x7B  # b"{"[0]
 CLOSE_BRACE = 0x7D  # b"}"[0]
-_HEADER = struct.Struct("<I")
 _HEADER_AND_FIRST = struct.Struct("<IB")  # the length and the first body byte in one call
 _MARK = b"\x00{"  # header byte 3 and the body's first byte: where every message body begins
 
