@@ -574,8 +574,22 @@ class Scenarios:
 # -- the balancer -------------------------------------------------------------------------
 
 
+def signal_state(pid: int) -> dict[str, str]:
+    """A process's signal masks and pending sets, state, threads and wait channel (/proc)."""
+    state: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name.startswith("Sig") or name in ("ShdPnd", "State", "Threads"):
+                state[name] = value.strip()
+        state["wchan"] = Path(f"/proc/{pid}/wchan").read_text()
+    return state
+
+
 class Balancer:
     """``tradebalancer run feed`` (the installed command) with bench/sink.py workers."""
+
+    unstopped: dict[str, str] | None = None  # what /proc said when SIGTERM went unheeded
 
     def __init__(self, work: Path, plan: dict[str, Any], run: dict[str, Any], url: str) -> None:
         self.directory = work / f"balancer-{run['name']}"
@@ -639,12 +653,13 @@ ca_file = "{run["ca"]}"
         return all((self.directory / f"done-{w}.json").exists() for w in range(self.workers))
 
     def stop(self) -> int:
-        """SIGTERM, then the exit status (killed after 60 s: status -9)."""
+        """SIGTERM, then the exit status (killed after 60 s: status -9, and ``unstopped`` set)."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         try:
             return self.process.wait(60)
         except subprocess.TimeoutExpired:
+            self.unstopped = signal_state(self.process.pid)
             self.process.kill()
             return self.process.wait()
 
@@ -752,6 +767,8 @@ def balancer_run(plan: dict[str, Any], work: Path, name: str) -> Facts:
                     balancer.process.wait(60)
         finally:
             facts["exit_code"] = balancer.stop()
+            if balancer.unstopped is not None:
+                facts["unstopped"] = balancer.unstopped
     finally:
         facts["replay_exit"] = replay.stop()
     facts["seconds"] = round(time.monotonic() - started, 1)
