@@ -65,3 +65,12 @@ def test_max_connections_waits_the_cooldown_without_jitter() -> None:
     """After max_connections the wait is the configured cooldown, exactly."""
     backoff = Backoff(POLICY, FixedRandom(0.9))
     assert backoff.next_delay(healthy=False, cooldown=True) == 300.0
+
+
+def test_thousands_of_failed_attempts_stay_at_the_cap() -> None:
+    """A feed down for days (thousands of attempts) keeps waiting the maximum, never overflows."""
+    backoff = Backoff(POLICY, FixedRandom(0.0))
+    delays = [backoff.next_delay(healthy=False, cooldown=False) for _ in range(5000)]
+    assert delays[-1] == POLICY.max
+    assert max(delays) == POLICY.max
+    assert backoff.attempt == 5000

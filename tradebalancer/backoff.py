@@ -55,7 +55,10 @@ class Backoff:
         if cooldown:
             delay = policy.max_connections_cooldown
         else:
-            base = min(policy.max, policy.initial * policy.multiplier**self.attempt)
+            try:
+                base = min(policy.max, policy.initial * policy.multiplier**self.attempt)
+            except OverflowError:  # a thousand attempts at 2x: the cap won long ago
+                base = policy.max
             delay = base * (1.0 - policy.jitter * self.rng.random())
         self.attempt += 1
         return delay

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import __version__, command, config, credentials, replay
+from . import __version__, command, config, credentials, replay, signals
 from .errors import ConfigError, ExitCode, TradeBalancerError
 from .routing import balance_warning
 from .systemd import Notifier, configure_logging
@@ -99,10 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tradebalancer`` command; returns the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    configure_logging(verbose=args.verbose)
+    handled = signals.install()  # already done by ``python -m tradebalancer``; idempotent
     try:
+        args = build_parser().parse_args(argv)
+        configure_logging(verbose=args.verbose)
+        if args.command != "run":
+            handled.release()  # re-raises a signal that came meanwhile, as if never handled
         if args.command == "check-config":
             return check_config(args.config, args.names, require_key=args.require_key)
         if args.command == "run":
@@ -113,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.exit_code)
     except KeyboardInterrupt:
         return int(ExitCode.OK)
+    finally:
+        signals.uninstall()
 
 
 def check_config(path: str, names: Sequence[str], *, require_key: bool) -> int:
@@ -156,5 +160,5 @@ def run(path: str, name: str) -> int:
         feed.url,
         credentials.describe_api_key_source(feed, os.environ),
     )
-    service = Service(feed, api_key, notifier=Notifier())
+    service = Service(feed, api_key, notifier=Notifier(), signals=signals.install())
     return service.run()

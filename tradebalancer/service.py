@@ -6,7 +6,8 @@ Owns the order of things and nothing of their insides. One thread, one epoll sel
         -> Splitter.route every complete message into per-pipe chunk lists
         -> one write() per pipe per batch; what a pipe does not take waits in its backlog
     pipe writable   -> flush that pipe's backlog
-    signals         -> a wakeup fd: SIGTERM/SIGINT stop, SIGCHLD reaps workers
+    signals         -> a wakeup fd (signals.py): SIGTERM/SIGINT stop, SIGHUP is logged,
+                       SIGCHLD reaps workers; acted on at the top of every turn
     timers          -> keepalive, reconnect, worker respawn, stats/STATUS, watchdog
 
 Why batches: one write() per pipe per receive batch instead of one per event is about 8x
@@ -31,10 +32,8 @@ import os
 import random
 import selectors
 import signal
-import socket
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
 
 from . import command
 from .backoff import Backoff
@@ -43,6 +42,7 @@ from .errors import AuthError, ExitCode, KernelTLSUnavailable, TradeBalancerErro
 from .feed import Feed
 from .pipes import Pipe, close_pipes, flush_pipes, format_size, open_pipes, pipe_max_size
 from .routing import balance_warning
+from .signals import Signals, install
 from .split import FrameError, Splitter
 from .stats import Stats
 from .systemd import Notifier
@@ -75,6 +75,7 @@ class Service:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         environ: Mapping[str, str] | None = None,
+        signals: Signals | None = None,
     ) -> None:
         self.config = feed
         self._api_key = api_key
@@ -105,15 +106,19 @@ class Service:
         self._next_watchdog: float | None = None
         self._ready_by: float | None = None  # READY=1 is due by then; None once sent
         self._fallback_logged = False
-        self._wakeup_read: socket.socket | None = None
-        self._wakeup_write: socket.socket | None = None
+        self.signals = signals
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def run(self) -> int:
         """Run until stopped; return the process exit code."""
         try:
-            self._install_signals()
+            if self.signals is None:
+                self.signals = install()
+            self._selector.register(self.signals.fileno(), selectors.EVENT_READ, _WAKEUP)
+            self._handle_signals()  # one that arrived during start-up stops us before anything
+            if self._stopping:
+                return int(self.exit_code)
             self._start_workers()
             now = self.clock()
             self._ready_by = now + _READY_WAIT
@@ -137,23 +142,25 @@ class Service:
         """Ask the loop to stop (from a signal handler or a test)."""
         self._stopping = True
 
-    def _install_signals(self) -> None:
-        self._wakeup_read, self._wakeup_write = socket.socketpair()
-        for sock in (self._wakeup_read, self._wakeup_write):
-            sock.setblocking(False)
-        signal.set_wakeup_fd(self._wakeup_write.fileno(), warn_on_full_buffer=False)
-        signal.signal(signal.SIGTERM, self._on_stop_signal)
-        signal.signal(signal.SIGINT, self._on_stop_signal)
-        signal.signal(signal.SIGCHLD, self._on_child_signal)
-        self._selector.register(self._wakeup_read, selectors.EVENT_READ, _WAKEUP)
+    def _handle_signals(self, woken: bool = False) -> None:
+        """Act on the signals received since the last turn (see signals.py for why here).
 
-    def _on_stop_signal(self, signum: int, frame: Any) -> None:
-        if not self._stopping:
-            logger.info("%s received: stopping", signal.Signals(signum).name)
-        self._stopping = True
-
-    def _on_child_signal(self, signum: int, frame: Any) -> None:
-        self._reap_needed = True
+        ``woken``: the wakeup fd is readable, and must be drained whatever it holds.
+        """
+        signals = self.signals
+        if signals is None or not (woken or signals.pending):
+            return
+        for signum in signals.take():
+            if signum is signal.SIGCHLD:
+                self._reap_needed = True
+            elif signum is signal.SIGHUP:
+                logger.warning(
+                    "SIGHUP received: reloading the configuration is not supported yet; "
+                    "nothing changed (restart the service to apply a new configuration)"
+                )
+            elif not self._stopping:
+                logger.info("%s received: stopping", signum.name)
+                self._stopping = True
 
     def _start_workers(self) -> None:
         config = self.config
@@ -211,7 +218,11 @@ class Service:
 
     def _loop(self) -> None:
         select = self._selector.select
-        while not self._stopping:
+        while True:
+            # Every turn, whatever woke it: a stop is honoured within one turn.
+            self._handle_signals()
+            if self._stopping:
+                return
             now = self.clock()
             timeout = 0.0 if self._more_to_read else self._timeout(now)
             events = select(timeout)
@@ -225,7 +236,7 @@ class Service:
                     if mask & selectors.EVENT_WRITE and self.transport is not None:
                         self._flush_transport(now)
                 elif data is _WAKEUP:
-                    self._drain_wakeup()
+                    self._handle_signals(woken=True)
                 else:
                     self._flush_pipe(data)
             if self._paused or self._more_to_read:
@@ -277,14 +288,6 @@ class Service:
             self.notifier.watchdog()
             assert self.notifier.watchdog_interval is not None
             self._next_watchdog = now + self.notifier.watchdog_interval
-
-    def _drain_wakeup(self) -> None:
-        assert self._wakeup_read is not None
-        try:
-            while self._wakeup_read.recv(4096):
-                pass
-        except BlockingIOError:
-            pass
 
     # -- the hot path ----------------------------------------------------------------------
 
@@ -578,10 +581,6 @@ class Service:
         if self.pool is not None:
             # The pipes are closed: each worker reads what is left, sees end of file and exits.
             self.pool.stop(WORKER_EXIT_TIMEOUT, WORKER_TERM_TIMEOUT, self.clock)
-        signal.set_wakeup_fd(-1)
-        for sock in (self._wakeup_read, self._wakeup_write):
-            if sock is not None:
-                sock.close()
         self._selector.close()
         logger.info("stopped: %s events forwarded", f"{self.stats.events:,}")
 

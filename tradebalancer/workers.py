@@ -35,6 +35,7 @@ from typing import Literal
 import prctl
 
 from .errors import WorkerError
+from .signals import HANDLED
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,23 @@ def spawn(
     parent = os.getpid()
     status_read, status_write = os.pipe2(os.O_CLOEXEC)
     env_list = dict(env)
-    pid = os.fork()
+    # The handled signals wait until each side is ready for them: the parent's own handlers
+    # after the fork, the child's default dispositions after it has reset them. Unblocked, a
+    # SIGTERM for the child (its PR_SET_PDEATHSIG) could run the balancer's inherited handler
+    # there, which would record it and let the worker start with the signal gone.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        os.close(status_read)
+        os.close(status_write)
+        raise WorkerError(
+            f"cannot start worker {worker.index}: fork failed: {exc.strerror or exc}; "
+            "raise the service's process limit (TasksMax=, LimitNPROC=) or free memory"
+        ) from exc
+    finally:
+        if os.getpid() == parent:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     if pid == 0:  # pragma: no cover - the child execs or reports through status_write
         _exec_child(worker, cwd, env_list, parent, status_write, batch)
     os.close(status_write)
@@ -138,7 +155,8 @@ def _exec_child(  # pragma: no cover - runs between fork and exec
         if batch:
             with contextlib.suppress(OSError):  # WorkerPool reads the policy back and says so
                 os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-        for signum in (signal.SIGPIPE, signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
+        signal.set_wakeup_fd(-1)  # the balancer's: not the worker's business
+        for signum in (signal.SIGPIPE, *HANDLED):
             signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
         count = len(worker.read_fds)

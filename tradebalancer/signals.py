@@ -1,0 +1,160 @@
+"""Signals as facts the event loop reads: record-only handlers and a wakeup fd.
+
+Owns the process's dispositions of SIGTERM, SIGINT, SIGHUP and SIGCHLD while the balancer runs.
+Must not touch: what a signal means (the service decides: stop, reload, reap), logging, I/O
+beyond the wakeup socket.
+
+Why a handler records and does nothing else. CPython runs a Python signal handler between two
+bytecodes of the main thread, and also inside C code that calls ``PyErr_CheckSignals``. One
+such place is the flush of every ``BufferedWriter``, stderr's included: after each raw write it
+runs the pending handlers while it still holds the stream's lock (Modules/_io/bufferedio.c,
+``_bufferedwriter_flush_unlocked``: "We must run signal handlers before blocking another
+time"). A signal that lands while a log line is being written (to a file, a pipe or journald's
+socket alike; a blocked write makes the window long) runs its handler there. A handler that
+logs then re-enters stderr, which raises ``RuntimeError: reentrant call inside
+<_io.BufferedWriter name='<stderr>'>``; the exception leaves the handler before it could
+record the stop, and the logging call it landed in swallows it ("--- Logging error ---"). That
+is how a balancer went on reconnecting for a minute after SIGTERM, never saying it got it. So
+the handler only stores the signal number in a dict that already holds the key (no allocation,
+no lock, nothing that can fail), and the loop, woken by the byte CPython's C-level handler
+writes to the wakeup fd, takes the signals and acts on them at its own pace, logging included.
+
+The handlers are installed as early as the process allows (``python -m tradebalancer`` does it
+before importing the rest of the package): from then on a signal is never lost, and one that
+arrives before the loop runs is acted on when it starts. Before that, during the interpreter's
+own start-up, SIGTERM and SIGINT still have their default action and end the process at once
+(nothing has been started yet, so nothing is lost; systemd counts that as a clean stop).
+Commands other than ``run`` give the signals back (``release``), re-raising any that arrived
+meanwhile, so ``check-config`` or ``replay`` stop on a signal as any program does.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+from collections.abc import Iterable
+from types import FrameType
+
+__all__ = ["HANDLED", "Signals", "install", "names", "uninstall"]
+
+# The signals the balancer handles, in the order ``take`` reports them.
+HANDLED: tuple[signal.Signals, ...] = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGCHLD,
+)
+
+_installed: Signals | None = None
+
+
+class Signals:
+    """The handled signals received and not yet taken, and the fd that wakes the loop."""
+
+    def __init__(self) -> None:
+        # One key per handled signal, present from the start: the handler's store then never
+        # allocates. The value says whether that signal arrived since the last ``take``.
+        self._pending: dict[int, bool] = dict.fromkeys(HANDLED, False)
+        self._previous: dict[int, object] = {}
+        self._previous_wakeup = -1
+        self._read, self._write = socket.socketpair()
+        self._read.setblocking(False)
+        self._write.setblocking(False)
+        self.installed = False
+
+    def fileno(self) -> int:
+        """The fd that becomes readable when a handled signal arrives: poll it, then ``take``."""
+        return self._read.fileno()
+
+    def install(self) -> None:
+        """Record the handled signals from now on; idempotent. Main thread only."""
+        if self.installed:
+            return
+        # CPython's C-level handler writes the signal number here the moment a signal lands,
+        # so epoll returns at once; the Python handler below runs at the next bytecode.
+        self._previous_wakeup = signal.set_wakeup_fd(
+            self._write.fileno(), warn_on_full_buffer=False
+        )
+        for signum in HANDLED:
+            self._previous[signum] = signal.signal(signum, self._record)
+        self.installed = True
+
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        # The only thing a handler may safely do here: see the module docstring.
+        self._pending[signum] = True
+
+    @property
+    def pending(self) -> bool:
+        """Whether a handled signal arrived that ``take`` has not reported yet."""
+        return True in self._pending.values()
+
+    def take(self) -> list[signal.Signals]:
+        """Return (and forget) the handled signals received since the last call, in HANDLED order.
+
+        A signal sent several times between two calls is reported once. Calling this Python
+        function lets CPython run any handler still due first, so a signal whose wakeup byte
+        was drained is never missed.
+        """
+        self._drain()
+        pending = self._pending
+        taken = []
+        for signum in HANDLED:
+            # A handler running between the test and the store sets True over True: the two
+            # arrivals are reported as one, and a later arrival is reported by the next call.
+            if pending[signum]:
+                pending[signum] = False
+                taken.append(signum)
+        return taken
+
+    def release(self, *, reraise: bool = True) -> None:
+        """Give the signals back to their previous dispositions; re-raise those received.
+
+        For the commands that do not run the loop: a SIGTERM that arrived during start-up then
+        does what it would have done without us. ``reraise=False`` forgets them instead (the
+        loop is over and has acted on what it took).
+        """
+        if not self.installed:
+            return
+        received = self.take() if reraise else []
+        signal.set_wakeup_fd(self._previous_wakeup)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)  # type: ignore[arg-type]
+        self.installed = False
+        for signum in received:
+            if signum is not signal.SIGCHLD:
+                signal.raise_signal(signum)
+
+    def close(self) -> None:
+        """Release the signals (forgetting any received) and close the wakeup socket."""
+        self.release(reraise=False)
+        self._read.close()
+        self._write.close()
+
+    def _drain(self) -> None:
+        try:
+            while self._read.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+
+def install() -> Signals:
+    """Return the process's Signals, installing them on the first call."""
+    global _installed
+    if _installed is None:
+        _installed = Signals()
+    _installed.install()
+    return _installed
+
+
+def uninstall() -> None:
+    """Release and close the process's Signals, if installed (a command is over)."""
+    global _installed
+    if _installed is not None:
+        _installed.close()
+        _installed = None
+
+
+def names(signals: Iterable[int]) -> str:
+    """Format signal numbers for a log line: 'SIGTERM, SIGHUP'."""
+    return ", ".join(signal.Signals(signum).name for signum in signals)
