@@ -45,6 +45,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import stopstress
 from tlspeer import pattern, receive, send, start_peer
 
 from tradebalancer import ktls, tlskeys, tlssocket
@@ -53,6 +54,7 @@ from tradebalancer.transport import Transport, open_transport
 
 Facts = dict[str, Any]
 SCENARIO_SECONDS = 120  # a scenario that takes longer is stuck: its record says so
+STOP_STRESS_SECONDS = 600  # sixty balancers started and stopped under TCG
 BALANCER = "/usr/bin/tradebalancer"
 BOGUS_RECORD_TYPE = 99  # no TLS content type (RFC 8446 5.1): a server must answer with an alert
 
@@ -859,11 +861,18 @@ class Recorder:
     def _on_alarm(signum: int, frame: FrameType | None) -> None:
         raise TimeoutError(f"the scenario took more than {SCENARIO_SECONDS} s")
 
-    def run(self, name: str, scenario: Callable[[], Facts], **labels: Any) -> Facts:
-        """Run ``scenario``; record its facts, or the traceback of what it raised."""
+    def run(
+        self,
+        name: str,
+        scenario: Callable[[], Facts],
+        *,
+        limit: int = SCENARIO_SECONDS,
+        **labels: Any,
+    ) -> Facts:
+        """Run ``scenario`` within ``limit`` seconds; record its facts, or what it raised."""
         started = time.monotonic()
         record: Facts = {"name": name, **labels, "error": None}
-        signal.alarm(SCENARIO_SECONDS)
+        signal.alarm(limit)
         try:
             record |= scenario()
         except BaseException as exc:  # the record carries it; the next scenario still runs
@@ -886,6 +895,34 @@ def _checklist_line(record: Facts) -> str:
     if record["error"] is not None:
         line += "\n" + record["error"]
     return line
+
+
+def stop_stress(plan: dict[str, Any]) -> Facts:
+    """SIGTERM at random moments of the installed balancer's life, over kernel TLS."""
+    certificates = plan["certificates"]["ec"]
+    setup = stopstress.Setup(
+        balancer=[BALANCER],
+        certfile=certificates["cert"],
+        keyfile=certificates["key"],
+        ca_file=certificates["ca"],
+        tls="kernel",
+        spawn_timeout=120.0,
+    )
+    stress = plan["stop_stress"]
+    outcomes = stopstress.run_trials(
+        setup,
+        dict.fromkeys(stopstress.SCENARIOS, stress["per_scenario"]),
+        seed=stress["seed"],
+        parallel=2,
+    )
+    report = stopstress.summary(outcomes, stress["bound"])
+    return {
+        "stress_trials": len(outcomes),
+        "stress_seed": stress["seed"],
+        "stress_scenarios": report["scenarios"],
+        "stress_failures": report["failures"],
+        "stress_kernel_tls": sum(outcome.kernel_tls for outcome in outcomes),
+    }
 
 
 def run_without_module(plan: dict[str, Any], work: Path, recorder: Recorder) -> None:
@@ -927,6 +964,7 @@ def run_with_module(plan: dict[str, Any], work: Path, recorder: Recorder) -> Non
     for name in ("direct", "nginx"):
         recorder.run(f"balancer-{name}", functools.partial(balancer_run, plan, work, name))
     recorder.run("nginx-access-log", lambda: nginx_access_log(plan))
+    recorder.run("stop-stress", lambda: stop_stress(plan), limit=STOP_STRESS_SECONDS)
     final = read_tls_stat()
     recorder.run("tls-stat-final", lambda: {"tls_stat": final, "delta": stat_delta(first, final)})
 

@@ -18,6 +18,8 @@ Run alone with ``pytest -m vm tests/test_ktls_vm.py -s`` to see the checklist.
 from __future__ import annotations
 
 import json
+import os
+import random
 import shutil
 import zlib
 from collections.abc import Iterator
@@ -115,6 +117,10 @@ RUNS: dict[str, dict[str, Any]] = {
     "nginx": {"tls": "kernel", "certificate": "rsa", "events": 30_000, "seed": 9},
 }
 NGINX_TLS = ("TLSv1.2", "ECDHE-RSA-AES128-GCM-SHA256")
+# SIGTERM at random moments of the installed balancer's life over kernel TLS (stopstress.py):
+# 5 per scenario x 12 scenarios = 60. The seed is printed; TRADEBALANCER_STRESS_SEED replays it.
+STOP_STRESS_PER_SCENARIO = 5
+STOP_STRESS_SEED = int(os.environ.get("TRADEBALANCER_STRESS_SEED", random.randrange(1 << 31)))
 
 SCRIPT = r"""
 set -u
@@ -263,6 +269,11 @@ def _write_plan(files: Path) -> dict[str, dict[str, dict[str, int]]]:
         "workers": WORKERS,
         "runs": runs,
         "nginx_access_log": "/tmp/nginx/access.log",
+        "stop_stress": {
+            "per_scenario": STOP_STRESS_PER_SCENARIO,
+            "seed": STOP_STRESS_SEED,
+            "bound": 2.0,
+        },
     }
     (files / "plan.json").write_text(json.dumps(plan, indent=1))
     replacements = {
@@ -329,7 +340,13 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Guest:
     share = base / "share"
     files = share / "files"
     files.mkdir(parents=True)
-    for source in (TESTS / "ktls_guest.py", TESTS / "tlspeer.py", REPO / "bench" / "sink.py"):
+    for source in (
+        TESTS / "ktls_guest.py",
+        TESTS / "tlspeer.py",
+        TESTS / "hostile.py",
+        TESTS / "stopstress.py",
+        REPO / "bench" / "sink.py",
+    ):
         shutil.copy(source, files / source.name)
     expected = _write_plan(files)
     result = run_in_vm(
@@ -391,10 +408,10 @@ def test_every_guest_scenario_ran_to_its_end(guest: Guest) -> None:
     raised = {name: r["error"] for name, r in guest.records.items() if r["error"] is not None}
     assert not raised, "\n".join(f"{n}:\n{e}" for n, e in raised.items())
     assert guest.result.exit_code == 0, guest.result.explain()
-    # 6 without the module; with it one per pair, peer and order, and 7 more: tls_stat before,
+    # 6 without the module; with it one per pair, peer and order, and 8 more: tls_stat before,
     # after the pairs and at the end, the lost connection, the balancer direct and behind nginx,
-    # nginx's log.
-    assert len(guest.records) == 6 + len(PAIRS) * len(PEERS_AND_ORDERS) + 7, sorted(guest.records)
+    # nginx's log, the stop stress.
+    assert len(guest.records) == 6 + len(PAIRS) * len(PEERS_AND_ORDERS) + 8, sorted(guest.records)
     print(f"\n  {len(guest.records)} guest scenarios ran, none raised; guest exit 0")
 
 
@@ -625,3 +642,16 @@ def test_the_balancer_delivers_every_event_over_kernel_tls(guest: Guest, run: st
         f"\n  balancer {run} ({record['url']}), as nobody: {negotiated}; tls_stat while "
         f"connected {while_connected}\n    {delivered}"
     )
+
+
+def test_sigterm_at_random_moments_is_honoured_over_kernel_tls(guest: Guest) -> None:
+    """60 SIGTERMs at random moments of the installed balancer's life: each honoured in 2 s."""
+    record = guest.record("stop-stress")
+    why = json.dumps(record["stress_failures"], indent=1)[:20000]
+    assert record["stress_failures"] == [], f"seed {record['stress_seed']}:\n{why}"
+    assert record["stress_trials"] >= 50
+    # The balancer reached kernel TLS in the trials aimed after the handshake.
+    assert record["stress_kernel_tls"] >= 4 * STOP_STRESS_PER_SCENARIO, record["stress_scenarios"]
+    print(f"\n  seed {record['stress_seed']}: {record['stress_trials']} SIGTERMs in the guest")
+    for name, row in sorted(record["stress_scenarios"].items()):
+        print(f"  {name:14} {row}")

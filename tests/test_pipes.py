@@ -124,3 +124,16 @@ def test_flush_pipes_delivers_backlogs_to_a_reader_and_reports_what_did_not_fit(
     assert bytes(received) == data
     assert left == stuck.backlog_bytes == len(data) - stuck.size
     close_pipes([drained, stuck])
+
+
+def test_flush_pipes_does_not_wait_for_a_pipe_no_live_worker_reads() -> None:
+    """A backlog whose worker is dead is reported at once, not after the whole timeout."""
+    import time
+
+    (orphan,) = open_pipes(1, 65536)
+    orphan.write(b"x" * (100 * 1024))
+    started = time.monotonic()
+    left = flush_pipes([orphan], 10.0, time.monotonic, readers=set)
+    assert time.monotonic() - started < 1.0
+    assert left == orphan.backlog_bytes == 100 * 1024 - orphan.size
+    close_pipes([orphan])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -163,14 +164,14 @@ def test_sigterm_as_soon_as_the_handler_is_in_is_honoured(tmp_path: Path) -> Non
             process.wait()
     text = log_path.read_text()
     assert status == 0, text
-    assert "SIGTERM received: stopping" in text, text
+    assert re.search(r"SIGTERM received( during start-up)?: stopping", text), text
     assert "connected" not in text and "worker 0 started" not in text, text
 
 
 def test_handlers_only_record_and_take_reports_each_signal_once() -> None:
     """Signals sent twice come out of take() once each, in a fixed order; none is acted on."""
     handled = signals.Signals()
-    handled.install()
+    handled.hand_to_loop()
     try:
         assert handled.take() == []
         for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
@@ -189,7 +190,7 @@ def test_the_wakeup_fd_becomes_readable_on_a_signal() -> None:
     import select
 
     handled = signals.Signals()
-    handled.install()
+    handled.hand_to_loop()
     try:
         handled.take()
         assert select.select([handled.fileno()], [], [], 0)[0] == []
@@ -202,12 +203,12 @@ def test_the_wakeup_fd_becomes_readable_on_a_signal() -> None:
 
 
 def test_release_re_raises_what_arrived_for_commands_that_do_not_run() -> None:
-    """A SIGTERM recorded during start-up of check-config ends it as SIGTERM would have."""
+    """A SIGHUP recorded during check-config's start-up ends it as SIGHUP would have."""
     code = (
-        "import signal, sys, time\n"
+        "import signal\n"
         "from tradebalancer import signals\n"
         "handled = signals.install()\n"
-        "signal.raise_signal(signal.SIGTERM)\n"
+        "signal.raise_signal(signal.SIGHUP)\n"
         "print('still here', flush=True)\n"
         "handled.release()\n"
         "print('not reached', flush=True)\n"
@@ -218,5 +219,30 @@ def test_release_re_raises_what_arrived_for_commands_that_do_not_run() -> None:
         env={**os.environ, "PYTHONPATH": str(REPO)},
         timeout=30,
     )
-    assert result.returncode == -signal.SIGTERM
+    assert result.returncode == -signal.SIGHUP
     assert result.stdout == b"still here\n"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_during_start_up_ends_the_process_at_once_saying_so(signum: int) -> None:
+    """Before the loop takes over, SIGTERM or SIGINT exits 0 at once, with one line on stderr."""
+    code = (
+        "import signal, time\n"
+        "from tradebalancer import signals\n"
+        "signals.install()\n"
+        f"signal.raise_signal({int(signum)})\n"
+        "time.sleep(5)\n"
+        "print('not reached', flush=True)\n"
+    )
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=30,
+    )
+    assert time.monotonic() - started < 4
+    assert result.returncode == 0
+    assert result.stdout == b""
+    name = signal.Signals(signum).name
+    assert f"tradebalancer: {name} received during start-up: stopping" in result.stderr.decode()

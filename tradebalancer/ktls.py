@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
+import selectors
 import socket
 import ssl
 import time
@@ -181,64 +183,146 @@ class Session:
         self._sent = RecordCounter()
         self._received = RecordCounter()
         self._sent_base = self._received_base = 0
+        self._unsent = bytearray()  # handshake records OpenSSL wrote that the socket did not take
+        self._partial = bytearray()  # the record being received during the handshake
+        self._handshake_returned = False
 
     # -- the handshake -----------------------------------------------------------------------
 
-    def handshake(self, sock: socket.socket, deadline: float) -> None:
-        """Run the verified handshake over the blocking ``sock`` until ``deadline`` (monotonic).
+    def step_handshake(self, sock: socket.socket) -> int:
+        """Advance the handshake over the non-blocking ``sock``; return what to wait for.
 
-        Raises TransportError, caused by the ``ssl.SSLError`` or ``OSError`` behind it.
+        0 once the handshake is complete (call ``hand_off`` or go on in user space);
+        ``selectors.EVENT_READ`` or ``EVENT_WRITE`` when the socket must be ready first. Reads
+        one record at a time and never past a record boundary. Raises TransportError, caused
+        by the ``ssl.SSLError`` or ``OSError`` behind it; the key log is closed then, as it is
+        once the handshake completes.
         """
-        done = False
         try:
             while True:
+                if self._unsent:
+                    try:
+                        sent = sock.send(self._unsent)
+                    except BlockingIOError:
+                        return selectors.EVENT_WRITE
+                    del self._unsent[:sent]
+                    continue
+                if self._handshake_returned:
+                    self._finish_handshake(complete=True)
+                    return 0
                 try:
                     self.object.do_handshake()
                 except ssl.SSLWantReadError:
-                    self._send_all(sock, deadline)
-                    if not self.receive_record(sock, deadline):
-                        raise TransportError(
-                            self.address, "the server closed the connection in the TLS handshake"
-                        ) from None
+                    self._unsent += self.data_to_send()
+                    if not self._unsent and not self._receive_record_nowait(sock):
+                        return selectors.EVENT_READ
                     continue
-                self._send_all(sock, deadline)
-                done = True
-                break
+                self._unsent += self.data_to_send()
+                self._handshake_returned = True
         except ssl.SSLError as exc:
             with contextlib.suppress(OSError):  # the alert OpenSSL wrote tells the server why
-                sock.settimeout(0.1)
-                sock.send(self.outgoing.read())
+                sock.send(self.outgoing.read(), socket.MSG_DONTWAIT)
+            self._finish_handshake(complete=False)
             raise TransportError(
                 self.address, f"TLS handshake failed: {exc.reason or exc}"
             ) from exc
-        except TimeoutError as exc:
-            raise TransportError(self.address, "timed out in the TLS handshake") from exc
         except OSError as exc:
+            self._finish_handshake(complete=False)
             raise TransportError(
                 self.address, f"TLS handshake failed: {describe_os_error(exc)}"
             ) from exc
+        except TransportError:
+            self._finish_handshake(complete=False)
+            raise
+
+    def handshake(self, sock: socket.socket, deadline: float) -> None:
+        """Run the whole handshake over ``sock`` until ``deadline`` (monotonic), waiting in poll.
+
+        ``step_handshake`` for callers that can wait (tests, tools); the socket's blocking mode
+        and timeout are given back after. Raises TransportError, on timeout too.
+        """
+        timeout = sock.gettimeout()
+        sock.setblocking(False)
+        try:
+            while events := self.step_handshake(sock):
+                remaining = max(deadline - time.monotonic(), 0.0)
+                reading = events == selectors.EVENT_READ
+                waited = select.select(
+                    [sock] if reading else [], [] if reading else [sock], [], remaining
+                )
+                if not any(waited[:2]):
+                    self.abandon()
+                    raise TransportError(self.address, "timed out in the TLS handshake")
         finally:
-            if self._key_log is not None:
-                if done and self.client_random is not None:
-                    self._secrets = self._key_log.read(self.client_random)
-                self._key_log.close()
-        self.handshake_done = True
-        self._sent_base, self._received_base = self._sent.records, self._received.records
+            sock.settimeout(timeout)
+
+    def abandon(self) -> None:
+        """Give up a handshake that has not completed: close the key log, forget the secrets."""
+        self._finish_handshake(complete=False)
+
+    def _finish_handshake(self, *, complete: bool) -> None:
+        if self._key_log is not None:
+            if complete and self.client_random is not None:
+                self._secrets = self._key_log.read(self.client_random)
+            self._key_log.close()
+            self._key_log = None
+        if complete and not self.handshake_done:
+            self.handshake_done = True
+            self._sent_base, self._received_base = self._sent.records, self._received.records
+
+    def _receive_record_nowait(self, sock: socket.socket) -> bool:
+        """Read on toward the end of the current record, feeding it once whole.
+
+        False when the socket has nothing more now. Asks for no more than the record's own
+        bytes, so whatever follows the server's Finished stays in the socket for the kernel.
+        """
+        partial = self._partial
+        while True:
+            if len(partial) < RECORD_HEADER_SIZE:
+                need = RECORD_HEADER_SIZE - len(partial)
+            else:
+                need = RECORD_HEADER_SIZE + int.from_bytes(partial[3:5], "big") - len(partial)
+                if need == 0:
+                    header, body = bytes(partial[:RECORD_HEADER_SIZE]), bytes(partial[5:])
+                    partial.clear()
+                    self._accept_record(header, body)
+                    return True
+            try:
+                chunk = sock.recv(need)
+            except BlockingIOError:
+                return False
+            if not chunk:
+                where = "in the TLS handshake" if not partial else "inside a record"
+                raise TransportError(self.address, f"the server closed the connection {where}")
+            partial += chunk
+            if len(partial) == RECORD_HEADER_SIZE:
+                self._check_header(bytes(partial))
 
     def receive_record(self, sock: socket.socket, deadline: float) -> bool:
         """Read exactly one record from the blocking ``sock`` and feed it; False at EOF."""
         header = _receive_exactly(sock, RECORD_HEADER_SIZE, deadline)
         if not header:
             return False
+        length = self._check_header(header) if len(header) == RECORD_HEADER_SIZE else 0
+        body = _receive_exactly(sock, length, deadline)
+        if len(header) < RECORD_HEADER_SIZE or len(body) < length:
+            raise TransportError(self.address, "the server closed the connection inside a record")
+        self._accept_record(header, body)
+        return True
+
+    def _check_header(self, header: bytes) -> int:
+        """Return the body length a record header announces, or raise: not TLS at all."""
         kind, length = header[0], int.from_bytes(header[3:5], "big")
         if kind not in (20, 21, 22, 23) or header[1:2] != b"\x03" or length > MAX_RECORD_SIZE:
             raise TransportError(
                 self.address,
                 f"the server does not speak TLS (it sent {header!r}); is it the right port?",
             )
-        body = _receive_exactly(sock, length, deadline)
-        if len(header) < RECORD_HEADER_SIZE or len(body) < length:
-            raise TransportError(self.address, "the server closed the connection inside a record")
+        return length
+
+    def _accept_record(self, header: bytes, body: bytes) -> None:
+        """Note what the handshake needs of a whole record (the server's random), feed it."""
+        kind = header[0]
         if not self.handshake_done:
             if kind == CHANGE_CIPHER_SPEC:
                 self._server_changed_cipher = True
@@ -251,13 +335,6 @@ class Session:
             ):
                 self.server_random = body[6:38]  # ServerHello.random (RFC 5246 7.4.1.3)
         self.feed(header + body)
-        return True
-
-    def _send_all(self, sock: socket.socket, deadline: float) -> None:
-        data = self.data_to_send()
-        if data:
-            sock.settimeout(max(deadline - time.monotonic(), 0.001))
-            sock.sendall(data)
 
     # -- records in and out --------------------------------------------------------------------
 

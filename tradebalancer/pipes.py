@@ -20,7 +20,7 @@ import logging
 import os
 import select
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 from .errors import WorkerError
@@ -166,18 +166,29 @@ def _set_size(fd: int, size: int, refusals: set[int]) -> int:
     return fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
 
 
-def flush_pipes(pipes: Sequence[Pipe], timeout: float, clock: Callable[[], float]) -> int:
+def flush_pipes(
+    pipes: Sequence[Pipe],
+    timeout: float,
+    clock: Callable[[], float],
+    readers: Callable[[], Collection[int]] | None = None,
+) -> int:
     """Write every backlog out within ``timeout`` seconds; return the bytes that did not fit.
 
     Used on shutdown, when the event loop is gone: waits for writability with select().
+    ``readers``, asked before each wait, names the pipes a live worker still reads: a pipe
+    nobody reads can never take its backlog, so it is not waited for.
     """
     deadline = clock() + timeout
     pending = [pipe for pipe in pipes if pipe.backlog_bytes]
-    while pending and clock() < deadline:
+    while pending:
+        if readers is not None:
+            live = readers()
+            pending = [pipe for pipe in pending if pipe.index in live]
         pending = [pipe for pipe in pending if pipe.flush()]
-        if pending:
-            select.select([], [pipe.write_fd for pipe in pending], [], 0.1)
-    return sum(pipe.backlog_bytes for pipe in pending)
+        if not pending or clock() >= deadline:
+            break
+        select.select([], [pipe.write_fd for pipe in pending], [], 0.05)
+    return sum(pipe.backlog_bytes for pipe in pipes)
 
 
 def close_pipes(pipes: Sequence[Pipe]) -> None:

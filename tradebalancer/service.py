@@ -20,8 +20,9 @@ Backpressure: when the backlogs of all pipes together pass ``backlog_limit`` the
 reading the socket (TCP then slows the feed down) and says which worker is behind; it reads
 again once the backlogs are below half the limit. Nothing is ever dropped.
 
-Connecting (TCP, TLS handshake, kernel TLS hand-off) is blocking, bounded by
-``connect_timeout``; pipes hold seconds of data, so workers keep reading meanwhile.
+Connecting (name lookup, TCP, TLS handshake, kernel TLS hand-off) is a transport.Connector the
+loop steps whenever its fd is ready: it never blocks the loop, so pipes are served, timers run
+and a stop is honoured meanwhile, and ``connect_timeout`` bounds all of it.
 """
 
 from __future__ import annotations
@@ -46,12 +47,12 @@ from .signals import Signals, install
 from .split import FrameError, Splitter
 from .stats import Stats
 from .systemd import Notifier
-from .transport import Transport, open_transport
+from .transport import Connector, Transport
 from .workers import Worker, WorkerPool, clean_environment, describe_status
 
 logger = logging.getLogger(__name__)
 
-_WAKEUP, _SOCKET = "wakeup", "socket"
+_WAKEUP, _SOCKET, _CONNECTING = "wakeup", "socket", "connecting"
 _EXCERPT = 200  # bytes of a rejected frame shown in the log
 _MAX_READS_PER_WAKEUP = 16  # then serve timers and pipes before reading on
 # READY=1 waits for the first connection attempt to settle (streaming, or failed and retrying),
@@ -88,6 +89,7 @@ class Service:
         self.pipes: list[Pipe] = []
         self.pool: WorkerPool | None = None
         self.transport: Transport | None = None
+        self.connector: Connector | None = None  # the connection being opened, if any
         self.feed: Feed | None = None
         self.splitter = Splitter(feed.pipes, feed.route_keys, feed.route_key_default)
         self._selector = selectors.DefaultSelector()
@@ -115,10 +117,10 @@ class Service:
         try:
             if self.signals is None:
                 self.signals = install()
+            # From here on a stop must wind things down: the loop acts on it (signals.py).
+            self.signals.hand_to_loop()
             self._selector.register(self.signals.fileno(), selectors.EVENT_READ, _WAKEUP)
-            self._handle_signals()  # one that arrived during start-up stops us before anything
-            if self._stopping:
-                return int(self.exit_code)
+            self._handle_signals()
             self._start_workers()
             now = self.clock()
             self._ready_by = now + _READY_WAIT
@@ -237,6 +239,8 @@ class Service:
                         self._flush_transport(now)
                 elif data is _WAKEUP:
                     self._handle_signals(woken=True)
+                elif data is _CONNECTING:
+                    self._advance_connector(now)
                 else:
                     self._flush_pipe(data)
             if self._paused or self._more_to_read:
@@ -251,6 +255,8 @@ class Service:
             deadlines.append(self._next_watchdog)
         if self._reconnect_at is not None:
             deadlines.append(self._reconnect_at)
+        if self.connector is not None:
+            deadlines.append(self.connector.deadline)
         if self.feed is not None and (deadline := self.feed.next_deadline()) is not None:
             deadlines.append(deadline)
         if self.pool is not None and (deadline := self.pool.next_deadline()) is not None:
@@ -277,6 +283,8 @@ class Service:
         if self.feed is not None:
             self.feed.tick(now)
             self._send_feed_output(now)
+        if self.connector is not None and now >= self.connector.deadline:
+            self._advance_connector(now)  # it says it timed out, and in which phase
         if self._reconnect_at is not None and now >= self._reconnect_at and not self._stopping:
             self._reconnect_at = None
             self._connect(now)
@@ -418,23 +426,45 @@ class Service:
     # -- the connection --------------------------------------------------------------------
 
     def _connect(self, now: float) -> None:
+        """Start opening the connection; the loop steps it whenever its fd is ready."""
         config = self.config
         self.stats.state = "connecting"
+        logger.debug("connecting to %s:%d", config.host, config.port)
+        self.connector = Connector(
+            config.host,
+            config.port,
+            tls=config.secure,
+            tls_mode=config.tls,
+            ca_file=config.ca_file,
+            server_hostname=config.server_hostname,
+            timeout=config.connect_timeout,
+            now=now,
+        )
+        self._advance_connector(now)
+
+    def _advance_connector(self, now: float) -> None:
+        """Step the connection being opened: wait on its next fd, or take the transport."""
+        connector = self.connector
+        assert connector is not None
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(connector.fileno())
         try:
-            transport = open_transport(
-                config.host,
-                config.port,
-                tls=config.secure,
-                tls_mode=config.tls,
-                ca_file=config.ca_file,
-                server_hostname=config.server_hostname,
-                timeout=config.connect_timeout,
-            )
+            transport = connector.step(now)
         except KernelTLSUnavailable:
+            self.connector = None
             raise
         except TransportError as exc:
+            self.connector = None
             self._schedule_reconnect(f"cannot connect: {exc}", now, cooldown=False, healthy=False)
             return
+        if transport is None:
+            self._selector.register(connector.fileno(), connector.events(), _CONNECTING)
+            return
+        self.connector = None
+        self._connected(transport, now)
+
+    def _connected(self, transport: Transport, now: float) -> None:
+        config = self.config
         self.transport = transport
         self.stats.tls = _describe_tls(transport)
         if transport.fallback_reason and not self._fallback_logged:
@@ -572,6 +602,11 @@ class Service:
         self._stopping = True
         backlog = sum(pipe.backlog_bytes for pipe in self.pipes)
         self.notifier.stopping(f"stopping: flushing {format_size(backlog)} to the workers")
+        if self.connector is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(self.connector.fileno())
+            self.connector.close()
+            self.connector = None
         if self.transport is not None:
             self._disconnect("stopping", self.clock())
         if self.pool is not None:
@@ -585,13 +620,20 @@ class Service:
         logger.info("stopped: %s events forwarded", f"{self.stats.events:,}")
 
     def _flush_all(self) -> None:
-        lost = flush_pipes(self.pipes, FLUSH_TIMEOUT, self.clock)
+        lost = flush_pipes(self.pipes, FLUSH_TIMEOUT, self.clock, self._read_pipes)
         if lost:
             logger.error(
                 "%s could not reach the workers within %.0f s (a worker is stuck or dead)",
                 format_size(lost),
                 FLUSH_TIMEOUT,
             )
+
+    def _read_pipes(self) -> set[int]:
+        """The pipes a live worker reads (dead ones reaped first: they take nothing more)."""
+        if self.pool is None:
+            return set()
+        self.pool.reap(self.clock())
+        return {index for worker in self.pool.running() for index in worker.pipe_indexes}
 
 
 def _describe_tls(transport: Transport) -> str:

@@ -19,21 +19,29 @@ the handler only stores the signal number in a dict that already holds the key (
 no lock, nothing that can fail), and the loop, woken by the byte CPython's C-level handler
 writes to the wakeup fd, takes the signals and acts on them at its own pace, logging included.
 
-The handlers are installed as early as the process allows (``python -m tradebalancer`` does it
-before importing the rest of the package): from then on a signal is never lost, and one that
-arrives before the loop runs is acted on when it starts. Before that, during the interpreter's
-own start-up, SIGTERM and SIGINT still have their default action and end the process at once
-(nothing has been started yet, so nothing is lost; systemd counts that as a clean stop).
-Commands other than ``run`` give the signals back (``release``), re-raising any that arrived
-meanwhile, so ``check-config`` or ``replay`` stop on a signal as any program does.
+Two modes. At start-up (``install``: ``python -m tradebalancer`` does it before it imports the
+rest of the package) nothing runs yet that a stop would have to wind down, so SIGTERM and
+SIGINT end the process at once, with status 0 and one line written straight to stderr with
+``os.write`` (no logging, no lock: "SIGTERM received during start-up: stopping"); start-up
+takes seconds on a slow machine, and waiting for its end to honour a stop would be waiting for
+nothing. Once the service is about to create its pipes and workers it hands the signals to the
+loop (``hand_to_loop``): from then on a handler records, the loop acts. Before ``install``,
+in the few milliseconds the interpreter needs to start, SIGTERM keeps its default action
+(nothing has been started then; systemd counts that as a clean stop). Commands other than
+``run`` give the signals back (``release``) once their command line is read.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import signal
 import socket
 from collections.abc import Iterable
 from types import FrameType
+
+from .systemd import format_line
 
 __all__ = ["HANDLED", "Signals", "install", "names", "uninstall"]
 
@@ -44,6 +52,9 @@ HANDLED: tuple[signal.Signals, ...] = (
     signal.SIGHUP,
     signal.SIGCHLD,
 )
+
+# Recorded even at start-up: SIGHUP (logged by the loop) and SIGCHLD (no worker yet anyway).
+_RECORDED_AT_START_UP = frozenset({signal.SIGHUP, signal.SIGCHLD})
 
 _installed: Signals | None = None
 
@@ -61,13 +72,14 @@ class Signals:
         self._read.setblocking(False)
         self._write.setblocking(False)
         self.installed = False
+        self.deferred = False  # stop signals are the loop's (hand_to_loop), not ended at once
 
     def fileno(self) -> int:
         """The fd that becomes readable when a handled signal arrives: poll it, then ``take``."""
         return self._read.fileno()
 
     def install(self) -> None:
-        """Record the handled signals from now on; idempotent. Main thread only."""
+        """Handle the signals from now on, start-up mode; idempotent. Main thread only."""
         if self.installed:
             return
         # CPython's C-level handler writes the signal number here the moment a signal lands,
@@ -76,8 +88,27 @@ class Signals:
             self._write.fileno(), warn_on_full_buffer=False
         )
         for signum in HANDLED:
-            self._previous[signum] = signal.signal(signum, self._record)
+            handler = self._record if signum in _RECORDED_AT_START_UP else self._stop_at_once
+            self._previous[signum] = signal.signal(signum, handler)
         self.installed = True
+        self.deferred = False
+
+    def hand_to_loop(self) -> None:
+        """From now on SIGTERM and SIGINT are recorded for the loop, not ended at once."""
+        self.install()
+        for signum in HANDLED:
+            signal.signal(signum, self._record)
+        self.deferred = True
+
+    def _stop_at_once(self, signum: int, frame: FrameType | None) -> None:
+        # Start-up: nothing to wind down. os.write, not logging: see the module docstring.
+        name = signal.Signals(signum).name
+        line = format_line(
+            logging.INFO, "tradebalancer", f"{name} received during start-up: stopping"
+        )
+        with contextlib.suppress(OSError):
+            os.write(2, line.encode(errors="replace"))
+        os._exit(0)
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
         # The only thing a handler may safely do here: see the module docstring.

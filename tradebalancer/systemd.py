@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Mapping
 
 import sdnotify
@@ -108,6 +109,20 @@ class JournalFormatter(logging.Formatter):
         text = super().format(record)
         priority = _PRIORITIES.get(record.levelno, 6)
         return f"<{priority}>" + text.replace("\n", " | ")
+
+
+def format_line(
+    level: int, name: str, message: str, environ: Mapping[str, str] | None = None
+) -> str:
+    """One log line as ``configure_logging`` would write it, for code that cannot log.
+
+    A signal handler must not use logging (signals.py); it writes this with ``os.write``.
+    """
+    environ = os.environ if environ is None else environ
+    if under_journal(environ):
+        return f"<{_PRIORITIES.get(level, 6)}>{name}: {message}\n"
+    stamp = time.strftime("%H:%M:%S")
+    return f"{stamp} {logging.getLevelName(level):<7} {name}: {message}\n"
 
 
 def configure_logging(verbose: bool = False, environ: Mapping[str, str] | None = None) -> None:

@@ -26,12 +26,16 @@ transmit, transmit stays with OpenSSL (see tlssocket.py: the directions are inde
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
+import selectors
 import socket
 import ssl
+import threading
 import time
-from collections.abc import Callable
-from typing import cast
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 from . import ktls, tlssocket
 from .errors import KernelTLSUnavailable, TransportError
@@ -45,7 +49,9 @@ TLS_MODES = ("auto", "kernel", "user")
 _NAME_MISMATCH = (62, 64)  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 # What a server answers when it shares no cipher with the client's list.
 _NO_SHARED_CIPHER = ("HANDSHAKE_FAILURE", "NO_SHARED_CIPHER", "INSUFFICIENT_SECURITY")
-_PROBE_TIMEOUT = 3.0  # for the second look at a certificate whose name did not match
+# For the second look at a certificate whose name did not match: short, since it blocks the
+# loop (a stop waits for it), and it only adds detail to an error the log shows anyway.
+_PROBE_TIMEOUT = 1.0
 
 
 class Transport:
@@ -216,6 +222,326 @@ class Transport:
         self._sock.close()
 
 
+class Connector:
+    """Opens a Transport without ever blocking the caller: one step whenever its fd is ready.
+
+    Phases: ``resolving`` (getaddrinfo, in a thread of its own unless the host is an address:
+    a resolver that does not answer must not stall the event loop), ``connecting`` (a
+    non-blocking connect to each address in turn, as ``socket.create_connection`` tries them),
+    ``handshaking`` (the verified TLS handshake, record by record), then the kernel TLS
+    hand-off, which does not wait. The caller polls ``fileno()`` for ``events()`` and calls
+    ``step(now)`` when it is ready or ``deadline`` has passed, until ``step`` returns the
+    Transport; ``step`` raises TransportError (KernelTLSUnavailable for tls_mode "kernel") when
+    the attempt failed, and the timeout covers all the phases together. ``close()`` abandons an
+    attempt at any point (a stop: nothing here outlives it but a resolver thread, which ends on
+    its own).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        tls: bool,
+        tls_mode: str = "auto",
+        ca_file: str | None = None,
+        server_hostname: str | None = None,
+        timeout: float = 10.0,
+        now: float,
+    ) -> None:
+        if tls_mode not in TLS_MODES:
+            raise ValueError(f"tls_mode must be one of {TLS_MODES}, got {tls_mode!r}")
+        self.host = host
+        self.port = port
+        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.tls = tls
+        self.tls_mode = tls_mode
+        self.ca_file = ca_file
+        self.hostname = server_hostname or host
+        self.timeout = timeout
+        self.deadline = now + timeout
+        self.phase = "resolving"
+        self._lookup: _Lookup | None = _Lookup(host, port)
+        self._addresses: list[_Address] = []
+        self._current: _Address = (0, ())  # the address being tried
+        self._errors: list[OSError] = []
+        self._sock: socket.socket | None = None
+        self._session: ktls.Session | None = None
+        self._key_log: ktls.KeyLog | None = None
+        self._context: ssl.SSLContext | None = None
+        self._mode = tls_mode  # "user" after the no-shared-cipher fallback of "auto"
+        self.fallback_reason: str | None = None
+        self._events = selectors.EVENT_READ
+
+    def fileno(self) -> int:
+        """The fd to poll now (it changes from phase to phase)."""
+        if self._lookup is not None:
+            return self._lookup.fileno()
+        assert self._sock is not None
+        return self._sock.fileno()
+
+    def events(self) -> int:
+        """``selectors.EVENT_READ`` or ``EVENT_WRITE``: what ``fileno()`` must be ready for."""
+        return self._events
+
+    def step(self, now: float) -> Transport | None:
+        """Go as far as possible without blocking; the Transport once connected, else None."""
+        try:
+            if now >= self.deadline:
+                raise TransportError(self.address, self._timed_out())
+            if self._lookup is not None:
+                if not self._lookup.done:
+                    return None
+                self._resolved()
+            while True:
+                if self.phase == "connecting":
+                    if not self._connect_next():
+                        return None
+                    if not self.tls:
+                        return self._connected_plain()
+                    self._start_tls()
+                transport = self._handshake()
+                if transport is not None or self.phase == "handshaking":
+                    return transport
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Abandon the attempt: the socket, the session and its key log. Idempotent."""
+        if self._lookup is not None:
+            self._lookup.close()
+            self._lookup = None
+        self._drop_attempt()
+
+    # -- the phases ------------------------------------------------------------------------
+
+    def _timed_out(self) -> str:
+        where = {
+            "resolving": f"resolving {self.host!r}",
+            "connecting": "connecting",
+            "handshaking": "in the TLS handshake",
+        }[self.phase]
+        return f"timed out {where} (connect_timeout {self.timeout:g} s)"
+
+    def _resolved(self) -> None:
+        lookup = self._lookup
+        assert lookup is not None
+        self._lookup = None
+        lookup.close()
+        if lookup.error is not None:
+            raise TransportError(
+                self.address, f"cannot resolve {self.host!r}: {lookup.error.strerror}"
+            ) from lookup.error
+        self._addresses = list(lookup.addresses)
+        self.phase = "connecting"
+
+    def _connect_next(self) -> bool:
+        """Finish the pending connect or start the next; True once one is established."""
+        while True:
+            sock = self._sock
+            if sock is not None:  # a connect in progress: writable means it ended
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if error == 0:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    return True
+                self._errors.append(OSError(error, os.strerror(error)))
+                sock.close()
+                self._sock = None
+            if not self._addresses:
+                raise self._connect_error()
+            family, address = self._current = self._addresses.pop(0)
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            self._sock = sock
+            error = sock.connect_ex(address)
+            if error in (errno.EINPROGRESS, errno.EAGAIN):
+                self._events = selectors.EVENT_WRITE
+                return False
+            if error != 0:
+                self._errors.append(OSError(error, os.strerror(error)))
+                sock.close()
+                self._sock = None
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return True
+
+    def _connect_error(self) -> TransportError:
+        last = self._errors[-1] if self._errors else OSError(errno.EHOSTUNREACH, "no address")
+        if last.errno == errno.ECONNREFUSED:
+            return TransportError(self.address, "connection refused: is the server listening?")
+        return TransportError(self.address, f"cannot connect: {describe_os_error(last)}")
+
+    def _connected_plain(self) -> Transport:
+        sock, self._sock = self._sock, None
+        assert sock is not None
+        return Transport(sock, self.address)
+
+    def _start_tls(self) -> None:
+        assert self._sock is not None
+        kernel = self._mode != "user"
+        try:
+            self._context = ktls.create_context(kernel=kernel, ca_file=self.ca_file)
+        except OSError as exc:
+            raise TransportError(
+                self.address, f"cannot load the CA file {self.ca_file}: {exc}"
+            ) from exc
+        self._key_log = None
+        if kernel:
+            try:
+                self._key_log = ktls.KeyLog(self._context)
+            except OSError as exc:
+                reason = f"OpenSSL's key log cannot be kept in memory: {exc}"
+                if self._mode == "kernel":
+                    raise KernelTLSUnavailable(self.address, reason) from exc
+                self.fallback_reason = reason
+        self._session = ktls.Session(
+            self._context, self.hostname, self.address, key_log=self._key_log
+        )
+        self.phase = "handshaking"
+
+    def _handshake(self) -> Transport | None:
+        """Advance the TLS handshake; the Transport when done, None to wait (or to retry)."""
+        session, sock = self._session, self._sock
+        assert session is not None and sock is not None
+        try:
+            events = session.step_handshake(sock)
+        except TransportError as exc:
+            if not self._no_shared_cipher(exc):
+                raise _explain(
+                    exc, self.host, self.port, self.hostname, self.ca_file, self.deadline
+                ) from exc.__cause__
+            # "auto": the server takes none of the ciphers kernel TLS does; try OpenSSL's own.
+            self._drop_attempt()
+            self._mode = "user"
+            self.fallback_reason = (
+                f"the server accepts none of the ciphers kernel TLS takes "
+                f"({getattr(exc.__cause__, 'reason', exc)}); connected again with OpenSSL's "
+                "default ciphers"
+            )
+            self._addresses = [self._current]  # the address that answered, again
+            self.phase = "connecting"
+            return None
+        if events:
+            self._events = events
+            return None
+        return self._hand_off()
+
+    def _no_shared_cipher(self, exc: TransportError) -> bool:
+        cause = exc.__cause__
+        if self._mode == "user" or not isinstance(cause, ssl.SSLError):
+            return False
+        if not any(reason in str(cause.reason) for reason in _NO_SHARED_CIPHER):
+            return False
+        if self._mode == "kernel":
+            reason = f"the server accepts none of the ciphers kernel TLS takes ({cause.reason})"
+            raise KernelTLSUnavailable(self.address, reason) from exc
+        return True
+
+    def _hand_off(self) -> Transport:
+        session, sock = self._session, self._sock
+        assert session is not None and sock is not None
+        tx_mode = rx_mode = "user"
+        if self._key_log is not None:
+            try:
+                partial = session.hand_off(sock)
+            except KernelTLSUnavailable as exc:
+                if self._mode == "kernel":
+                    raise
+                self.fallback_reason = exc.message
+            else:
+                rx_mode = "kernel"
+                if partial is None:
+                    tx_mode = "kernel"
+                elif self._mode == "kernel":
+                    raise KernelTLSUnavailable(self.address, partial)
+                else:
+                    self.fallback_reason = f"transmit stays in user space: {partial}"
+        logger.debug(
+            "%s: %s %s, transmit in %s space, receive in %s space",
+            self.address,
+            session.object.version(),
+            (session.object.cipher() or ("?",))[0],
+            tx_mode,
+            rx_mode,
+        )
+        self._sock = self._session = None
+        self._key_log = None
+        self.phase = "connected"
+        return Transport(
+            sock,
+            self.address,
+            tx_mode=tx_mode,
+            rx_mode=rx_mode,
+            fallback_reason=self.fallback_reason,
+            session=session,
+        )
+
+    def _drop_attempt(self) -> None:
+        if self._session is not None:
+            self._session.abandon()
+            self._session = None
+        if self._key_log is not None:
+            self._key_log.close()
+            self._key_log = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+_Address = tuple[int, tuple[Any, ...]]  # (address family, socket address)
+
+
+def _addresses(infos: Sequence[tuple[Any, ...]]) -> list[_Address]:
+    return [(int(info[0]), tuple(info[4])) for info in infos]
+
+
+class _Lookup:
+    """getaddrinfo for a host, in a daemon thread unless it is an address; a pipe says done."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.addresses: list[_Address] = []  # (family, sockaddr), in getaddrinfo's order
+        self.error: socket.gaierror | None = None
+        self.done = False
+        self._read, write = socket.socketpair()
+        self._read.setblocking(False)
+        try:
+            self.addresses = _addresses(
+                socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+            )
+        except socket.gaierror:
+            pass
+        else:
+            self.done = True
+            write.send(b"x")
+            write.close()
+            return
+        thread = threading.Thread(
+            target=self._run, args=(host, port, write), name="resolve", daemon=True
+        )
+        thread.start()
+
+    def _run(self, host: str, port: int, write: socket.socket) -> None:
+        try:
+            self.addresses = _addresses(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except socket.gaierror as exc:
+            self.error = exc
+        except OSError as exc:  # e.g. EAI_SYSTEM
+            self.error = socket.gaierror(exc.errno, exc.strerror)
+        self.done = True
+        with contextlib.suppress(OSError):  # the connector may have given up and closed its end
+            write.send(b"x")
+        write.close()
+
+    def fileno(self) -> int:
+        """Readable once the lookup is done."""
+        return self._read.fileno()
+
+    def close(self) -> None:
+        """Stop listening for the answer (the thread, if any, finishes on its own)."""
+        self._read.close()
+
+
 def open_transport(
     host: str,
     port: int,
@@ -228,129 +554,28 @@ def open_transport(
 ) -> Transport:
     """Connect to ``host:port`` (TCP_NODELAY), with a verified TLS handshake if ``tls``.
 
-    Blocking, bounded by ``timeout`` in all; the transport returned is non-blocking. TLS
-    verifies against the system CAs or ``ca_file`` and checks ``server_hostname`` (default
-    ``host``, also sent as SNI). See the module docstring for ``tls_mode``. Raises
-    TransportError saying what failed, KernelTLSUnavailable for tls_mode "kernel".
+    A Connector run to its end, waiting in poll: blocking, bounded by ``timeout`` in all, for
+    callers that may wait (tests, tools); the transport returned is non-blocking. TLS verifies
+    against the system CAs or ``ca_file`` and checks ``server_hostname`` (default ``host``,
+    also sent as SNI). See the module docstring for ``tls_mode``. Raises TransportError saying
+    what failed, KernelTLSUnavailable for tls_mode "kernel".
     """
-    if tls_mode not in TLS_MODES:
-        raise ValueError(f"tls_mode must be one of {TLS_MODES}, got {tls_mode!r}")
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    deadline = time.monotonic() + timeout
-    if not tls:
-        sock = _connect(host, port, address, deadline, timeout)
-        sock.setblocking(False)
-        return Transport(sock, address)
-    try:
-        return _open_tls(host, port, address, tls_mode, ca_file, server_hostname, deadline, timeout)
-    except TransportError as exc:
-        cause = exc.__cause__
-        if tls_mode == "user" or not isinstance(cause, ssl.SSLError):
-            raise
-        if not any(reason in str(cause.reason) for reason in _NO_SHARED_CIPHER):
-            raise
-        reason = f"the server accepts none of the ciphers kernel TLS takes ({cause.reason})"
-        if tls_mode == "kernel":
-            raise KernelTLSUnavailable(address, reason) from exc
-        fallback = f"{reason}; connected again with OpenSSL's default ciphers"
-    transport = _open_tls(host, port, address, "user", ca_file, server_hostname, deadline, timeout)
-    transport.fallback_reason = fallback
-    return transport
-
-
-def _connect(host: str, port: int, address: str, deadline: float, timeout: float) -> socket.socket:
-    try:
-        sock = socket.create_connection(
-            (host, port), timeout=max(deadline - time.monotonic(), 0.001)
-        )
-    except socket.gaierror as exc:
-        raise TransportError(address, f"cannot resolve {host!r}: {exc.strerror}") from exc
-    except TimeoutError as exc:
-        raise TransportError(address, f"timed out connecting (timeout {timeout:g} s)") from exc
-    except ConnectionRefusedError as exc:
-        raise TransportError(address, "connection refused: is the server listening?") from exc
-    except OSError as exc:
-        raise TransportError(address, f"cannot connect: {describe_os_error(exc)}") from exc
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small writes go out at once
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def _open_tls(
-    host: str,
-    port: int,
-    address: str,
-    tls_mode: str,
-    ca_file: str | None,
-    server_hostname: str | None,
-    deadline: float,
-    timeout: float,
-) -> Transport:
-    try:
-        context = ktls.create_context(kernel=tls_mode != "user", ca_file=ca_file)
-    except OSError as exc:
-        raise TransportError(address, f"cannot load the CA file {ca_file}: {exc}") from exc
-    hostname = server_hostname or host
-    sock = _connect(host, port, address, deadline, timeout)
-    key_log: ktls.KeyLog | None = None
-    fallback_reason: str | None = None
-    try:
-        if tls_mode != "user":
-            try:
-                key_log = ktls.KeyLog(context)
-            except OSError as exc:
-                fallback_reason = f"OpenSSL's key log cannot be kept in memory: {exc}"
-                if tls_mode == "kernel":
-                    raise KernelTLSUnavailable(address, fallback_reason) from exc
-        session = ktls.Session(context, hostname, address, key_log=key_log)
-        try:
-            session.handshake(sock, deadline)
-        except TransportError as exc:
-            raise _explain(exc, host, port, hostname, ca_file, deadline) from exc.__cause__
-        finally:
-            if key_log is not None:
-                key_log.close()
-        tx_mode = rx_mode = "user"
-        if key_log is not None:
-            try:
-                partial = session.hand_off(sock)
-            except KernelTLSUnavailable as exc:
-                if tls_mode == "kernel":
-                    raise
-                fallback_reason = exc.message
-            else:
-                rx_mode = "kernel"
-                if partial is None:
-                    tx_mode = "kernel"
-                elif tls_mode == "kernel":
-                    raise KernelTLSUnavailable(address, partial)
-                else:
-                    fallback_reason = f"transmit stays in user space: {partial}"
-        sock.setblocking(False)
-        logger.debug(
-            "%s: %s %s, transmit in %s space, receive in %s space",
-            address,
-            session.object.version(),
-            (session.object.cipher() or ("?",))[0],
-            tx_mode,
-            rx_mode,
-        )
-    except BaseException:
-        if key_log is not None:
-            key_log.close()
-        sock.close()
-        raise
-    return Transport(
-        sock,
-        address,
-        tx_mode=tx_mode,
-        rx_mode=rx_mode,
-        fallback_reason=fallback_reason,
-        session=session,
+    connector = Connector(
+        host,
+        port,
+        tls=tls,
+        tls_mode=tls_mode,
+        ca_file=ca_file,
+        server_hostname=server_hostname,
+        timeout=timeout,
+        now=time.monotonic(),
     )
+    with selectors.DefaultSelector() as selector:
+        while (transport := connector.step(time.monotonic())) is None:
+            selector.register(connector.fileno(), connector.events())
+            selector.select(max(connector.deadline - time.monotonic(), 0.0))
+            selector.unregister(connector.fileno())
+    return transport
 
 
 def _explain(
