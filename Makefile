@@ -10,7 +10,7 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc libcap-dev \
 	qemu-system-x86 qemu-utils debootstrap \
 	debhelper dpkg-dev fakeroot lintian openssl ca-certificates systemd e2fsprogs debian-archive-keyring
 
-.PHONY: all deps venv demo test check lint typecheck unit e2e bench deb clean
+.PHONY: all deps venv demo test check lint typecheck unit e2e bench deb reader-wheel clean
 
 all: test
 
@@ -27,7 +27,7 @@ $(VENV)/.deps-stamp:
 
 venv: $(VENV)/.venv-stamp
 # The editable install also builds the C loops (setup.py); a change to them reinstalls.
-$(VENV)/.venv-stamp: pyproject.toml setup.py tradebalancer/_fastsplit.c tradebalancer/_fastread.c \
+$(VENV)/.venv-stamp: pyproject.toml setup.py tradebalancer/_fastsplit.c tradebalancer/reader/_fastread.c \
 		$(VENV)/.deps-stamp
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -66,5 +66,9 @@ bench: venv
 deb: venv
 	sh packaging/build-deb.sh
 
+# The worker library alone, for worker hosts: packaging/out/tradebalancer_reader-*.whl.
+reader-wheel: venv
+	PYTHON=$(PY) sh packaging/build-reader.sh
+
 clean:
-	rm -rf build dist packaging/out .coverage .coverage.* .pytest_cache .mypy_cache .ruff_cache tradebalancer/*.so
+	rm -rf build dist packaging/out .coverage .coverage.* .pytest_cache .mypy_cache .ruff_cache tradebalancer/*.so tradebalancer/*/*.so

@@ -10,8 +10,8 @@ setup(
             extra_compile_args=["-O2", "-Wall", "-Wextra"],
         ),
         Extension(
-            "tradebalancer._fastread",
-            ["tradebalancer/_fastread.c"],
+            "tradebalancer.reader._fastread",
+            ["tradebalancer/reader/_fastread.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra"],
         ),
     ]

@@ -26,8 +26,8 @@ import termios
 import time
 from collections.abc import Callable
 
-from tradebalancer.framing import MessageParser
 from tradebalancer.reader import Reader, aread_batches
+from tradebalancer.reader.framing import MessageParser
 
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1 << 20

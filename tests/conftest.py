@@ -5,8 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
-from tradebalancer import framing
+from tradebalancer.reader import framing
+
+# No deadline: a per-example time limit is a timed test, which fails on a loaded machine and
+# proves nothing (speed is measured by make bench).
+settings.register_profile("tradebalancer", deadline=None)
+settings.load_profile("tradebalancer")
 
 
 @pytest.fixture(scope="module", params=["c", "python"])

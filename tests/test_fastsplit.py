@@ -25,13 +25,14 @@ from test_split import (
 
 from tradebalancer import split
 from tradebalancer._fastsplit import Router
+from tradebalancer.reader.format import LIMIT
 from tradebalancer.routing import pipe_for
 from tradebalancer.split import DEFAULT_ROUTE_KEYS, Splitter
 
 
 def router(pipes: int = 7, **route_keys: str) -> Router:
     """A router with the default route keys, or the ones given."""
-    return Router(pipes, route_keys or dict(DEFAULT_ROUTE_KEYS), "sym")
+    return Router(pipes, route_keys or dict(DEFAULT_ROUTE_KEYS), "sym", LIMIT)
 
 
 def exact(frame: bytes, pipes: int) -> list[list[bytes]]:
@@ -113,7 +114,7 @@ def test_routes_by_the_configured_keys() -> None:
     """Types route by their configured member; other types by the default."""
     texts = [b'{"ev":"T","sym":"A","tk":"B"}', b'{"ev":"Z","sym":"C","k":"D"}']
     out = new_out(101)
-    assert Router(101, {"T": "tk"}, "k").route(b"[" + b",".join(texts) + b"]", out) == 2
+    assert Router(101, {"T": "tk"}, "k", LIMIT).route(b"[" + b",".join(texts) + b"]", out) == 2
     events = pipe_events(out)
     assert events[pipe_for(b"B", 101)][0] == texts[0]
     assert events[pipe_for(b"D", 101)][-1] == texts[1]
@@ -122,10 +123,11 @@ def test_routes_by_the_configured_keys() -> None:
 @pytest.mark.parametrize(
     ("arguments", "error", "message"),
     [
-        ((0, {}, "sym"), ValueError, "pipes must be at least 1"),
-        ((4, {"T": 1}, "sym"), TypeError, "map str to str"),
-        ((4, [], "sym"), TypeError, "dict"),
-        ((4, {}, b"sym"), TypeError, "str"),
+        ((0, {}, "sym", LIMIT), ValueError, "pipes must be at least 1"),
+        ((4, {"T": 1}, "sym", LIMIT), TypeError, "map str to str"),
+        ((4, [], "sym", LIMIT), TypeError, "dict"),
+        ((4, {}, b"sym", LIMIT), TypeError, "str"),
+        ((4, {}, "sym", 2), ValueError, "limit must be at least 3"),
     ],
 )
 def test_bad_arguments_raise(
@@ -153,7 +155,7 @@ def test_initialised_once() -> None:
     """Calling __init__ again cannot swap the tables under a router in use."""
     used = router(4)
     with pytest.raises(RuntimeError, match="once"):
-        used.__init__(3, {}, "sym")  # type: ignore[misc]
+        used.__init__(3, {}, "sym", LIMIT)  # type: ignore[misc]
 
 
 @given(POLYGON_FRAMES, st.sampled_from([1, 4, 15, 16]))

@@ -10,8 +10,9 @@ from framed import frame, sized, trade
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tradebalancer import _fastread, framing
-from tradebalancer.framing import LIMIT, MessageParser, ProtocolError
+from tradebalancer.reader import _fastread, framing
+from tradebalancer.reader.format import LIMIT
+from tradebalancer.reader.framing import MessageParser, ProtocolError
 
 pytestmark = pytest.mark.usefixtures("framing_loop")
 
@@ -33,12 +34,12 @@ def test_the_c_loop_stops_at_what_it_cannot_take() -> None:
         (stream + b"\x00\x00\x7b\x00{", len(stream), True),  # a length at the limit
     ]:
         messages: list[bytes] = []
-        assert _fastread.parse(data, 0, messages) == (end, bad)
+        assert _fastread.parse(data, 0, messages, LIMIT) == (end, bad)
         assert messages == [one, two][: len(messages)] and len(messages) == (1 if end < 15 else 2)
     with pytest.raises(ValueError, match="outside"):
-        _fastread.parse(stream, len(stream) + 1, [])
+        _fastread.parse(stream, len(stream) + 1, [], LIMIT)
     with pytest.raises(TypeError):
-        _fastread.parse(stream, 0, ())  # type: ignore[arg-type]
+        _fastread.parse(stream, 0, (), LIMIT)  # type: ignore[arg-type]
 
 
 def boundaries(bodies: list[bytes]) -> list[int]:

@@ -18,9 +18,11 @@ from tradebalancer.reader import (
     LIMIT,
     ProtocolError,
     Reader,
+    ReaderError,
     aread,
     aread_batches,
     fds_from_argv,
+    fds_from_environment,
 )
 
 pytestmark = pytest.mark.usefixtures("framing_loop")
@@ -73,6 +75,28 @@ def feed_stdin(child: subprocess.Popen[bytes], data: bytes) -> None:
     assert child.stdin is not None
     child.stdin.write(data)
     child.stdin.close()
+
+
+def test_fds_from_environment_reads_the_list_the_balancer_sets() -> None:
+    """TRADEBALANCER_FDS lists the worker's pipe fds, in pipe order."""
+    assert fds_from_environment({"TRADEBALANCER_FDS": "3,4,5"}) == [3, 4, 5]
+    assert fds_from_environment({"TRADEBALANCER_FDS": "7"}) == [7]
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({}, "TRADEBALANCER_FDS is not set: this worker was not started by tradebalancer"),
+        ({"TRADEBALANCER_FDS": ""}, "must list distinct fds like 3,4,5, got ''"),
+        ({"TRADEBALANCER_FDS": "3;4"}, "must list distinct fds"),
+        ({"TRADEBALANCER_FDS": "3,3"}, "must list distinct fds"),
+        ({"TRADEBALANCER_FDS": "-1"}, "must list distinct fds"),
+    ],
+)
+def test_fds_from_environment_says_what_is_wrong(environ: dict[str, str], message: str) -> None:
+    """A missing or malformed TRADEBALANCER_FDS is a ReaderError that says what to do."""
+    with pytest.raises(ReaderError, match=message):
+        fds_from_environment(environ)
 
 
 def test_fds_from_argv_takes_the_trailing_integers() -> None:

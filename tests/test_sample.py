@@ -12,8 +12,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tradebalancer.errors import ExitCode
-from tradebalancer.sample import Tally, format_number, format_table
+from tradebalancer.reader.sample import EX_OSERR, Tally, format_number, format_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,7 +147,7 @@ def test_a_corrupt_pipe_exits_71_after_the_summary() -> None:
     os.write(write_fd, frame(trade("AAPL", "1.0", 1)) + frame(b"[not an object]"))
     output, errors = child.communicate(timeout=30)
     os.close(write_fd)
-    assert child.returncode == ExitCode.OSERR
+    assert child.returncode == EX_OSERR
     assert "bad final (protocol error)" in output
     assert "events 1 " in output
     assert "not '{'" in errors

@@ -495,3 +495,27 @@ def test_frames_that_are_not_arrays_of_objects_are_dropped_and_the_rest_delivere
     log = balancer.log_text()
     assert "that are not a JSON array of objects" in log
     assert "slow path 1" in log
+
+
+def test_an_event_too_long_for_the_pipe_format_is_refused_and_the_rest_delivered(
+    tmp_path: Path, balancers: list[Balancer]
+) -> None:
+    """An event of LIMIT bytes or more never reaches a pipe: refused, logged, the rest delivered."""
+    from hostile import HostileFeed, Script
+
+    from tradebalancer.reader.format import LIMIT
+
+    huge = b'{"ev":"T","sym":"AAPL","x":"' + b"a" * LIMIT + b'"}'
+    small = b'{"ev":"T","sym":"MSFT","p":2}'
+    frames = [b"[" + huge + b"," + small + b"]", b"[" + small + b"]"]
+    with HostileFeed(Script(frames=frames, close_after_stream=False)) as feed:
+        balancer = Balancer(
+            tmp_path, feed.url, pipes=3, workers=1, extra="max_message_size = 16777216"
+        )
+        balancers.append(balancer)
+        balancer.wait_for(lambda: delivered(balancer, 3) >= 2, what="the small events")
+        balancer.wait_for(lambda: "refused 1 event(s)" in balancer.log_text(), what="the log")
+        assert balancer.stop() == 0
+    got = [m for p in range(3) for m in read_records(balancer.records, p)]
+    assert got == [small, small]
+    assert "which the pipe format cannot carry" in balancer.log_text()

@@ -14,6 +14,9 @@ from hypothesis import strategies as st
 
 from tradebalancer import split
 from tradebalancer.errors import TradeBalancerError
+from tradebalancer.reader import framing
+from tradebalancer.reader.format import LIMIT
+from tradebalancer.reader.framing import MessageParser
 from tradebalancer.routing import pipe_for
 from tradebalancer.split import DEFAULT_ROUTE_KEYS, EXCERPT_BYTES, FrameError, Splitter
 
@@ -636,3 +639,81 @@ def test_arbitrary_bytes_never_raise_anything_else(frame: bytes) -> None:
         assert out == new_out(1)
     else:
         assert isinstance(orjson.loads(frame), list) or splitter.fast_frames == 1
+
+
+# -- the pipe format's limit: what the splitter writes, the reader reads back ----------------
+
+
+def test_an_event_the_reader_could_not_frame_is_refused_and_the_rest_delivered() -> None:
+    """An event of LIMIT bytes or more is refused and counted; its frame's other events go on.
+
+    It used to be written with a header the reader cannot take (0x7B001E): the reader then
+    called the pipe "not the tradebalancer framing", or skipped the event as a resync.
+    """
+    big = b'{"ev":"T","sym":"AAPL","x":"' + b"a" * LIMIT + b'"}'
+    splitter = Splitter(PIPES)
+    out = new_out(PIPES)
+    assert splitter.route(b"[" + big + b"]", out, []) == 0
+    assert out == new_out(PIPES)
+    assert splitter.refused_events == 1
+    assert splitter.last_refused is not None
+    assert splitter.last_refused[0] == len(big) and big.startswith(splitter.last_refused[1])
+    small = TRADE_TEXTS[1]
+    assert splitter.route(b"[" + big + b"," + small + b"]", out, []) == 1
+    assert splitter.refused_events == 2
+    parser = MessageParser()
+    assert parser.receive_data(b"".join(out[pipe_for(b"MSFT", PIPES)])) == [small]
+    assert parser.error is None
+
+
+def test_an_event_just_under_the_limit_is_delivered() -> None:
+    """An event of LIMIT - 1 bytes is written, and the reader reads it whole."""
+    head = b'{"ev":"T","sym":"AAPL","x":"'
+    event = head + b"a" * (LIMIT - 1 - len(head) - 2) + b'"}'
+    assert len(event) == LIMIT - 1
+    out = new_out(PIPES)
+    assert Splitter(PIPES).route(b"[" + event + b"]", out, []) == 1
+    assert MessageParser().receive_data(b"".join(out[pipe_for(b"AAPL", PIPES)])) == [event]
+
+
+SMALL_LIMIT = 120  # the same rule at a size hypothesis reaches
+
+
+def _read_back(data: bytes, loop: str) -> list[bytes]:
+    with pytest.MonkeyPatch.context() as patch:
+        if loop == "python":
+            patch.setattr(framing, "_parse_in_c", None)
+        parser = MessageParser(limit=SMALL_LIMIT)
+        messages = parser.receive_data(data)
+        parser.receive_eof()
+        assert parser.error is None and parser.skipped_bytes == 0
+    return messages
+
+
+LAYOUT_CASES = st.lists(feed_events(["T", "Q", "XT", "LULD"]), min_size=1, max_size=40).map(
+    lambda events: (orjson.dumps(events), events, [orjson.dumps(event) for event in events])
+)
+
+
+@given(frames(any_events()) | LAYOUT_CASES, st.sampled_from(["c", "python"]))
+@settings(max_examples=300)
+def test_whatever_the_splitter_writes_the_reader_reads_back(
+    case: tuple[bytes, list[dict[str, Any]], list[bytes]], loop: str
+) -> None:
+    """Every event the splitter writes reads back exactly, in order; the rest is counted."""
+    frame, drawn, texts = case
+    splitter = Splitter(PIPES, limit=SMALL_LIMIT)
+    out = new_out(PIPES)
+    splitter.route(frame, out, [])
+    expected: dict[int, list[bytes]] = {}
+    oversized = 0
+    for event, text in zip(drawn, texts, strict=True):
+        if event.get("ev") == "status":
+            continue
+        if len(text) >= SMALL_LIMIT:
+            oversized += 1
+            continue
+        expected.setdefault(pipe_for(expected_key(event), PIPES), []).append(text)
+    assert splitter.refused_events == oversized
+    for pipe, chunks in enumerate(out):
+        assert _read_back(b"".join(chunks), loop) == expected.get(pipe, [])

@@ -288,3 +288,27 @@ def test_stop_escalates_from_waiting_to_sigterm_to_sigkill(tmp_path: Path) -> No
     assert quits.exit_status == 0
     assert stubborn.exit_status is not None
     assert describe_status(stubborn.exit_status) == "killed by SIGKILL"
+
+
+def test_the_pool_names_each_workers_fds_in_its_environment(tmp_path: Path) -> None:
+    """A worker's environment lists its pipe fds (TRADEBALANCER_FDS) and its index."""
+    pipes = open_pipes(3, 65536)
+    code = (
+        "import json, os, sys; json.dump({k: v for k, v in os.environ.items() "
+        "if k.startswith('TRADEBALANCER')}, open(sys.argv[1], 'w'))"
+    )
+    workers = [
+        Worker(
+            index=1,
+            argv=[sys.executable, "-c", code, str(tmp_path / "env.json")],
+            read_fds=[pipes[1].read_fd, pipes[2].read_fd],
+            pipe_indexes=[1, 2],
+        )
+    ]
+    pool = WorkerPool(workers, cwd=str(tmp_path), env={"PATH": os.environ["PATH"]})
+    pool.spawn_all(0.0)
+    assert workers[0].pid is not None
+    assert wait_exit(workers[0].pid) == 0
+    close_pipes(pipes)
+    env = json.loads((tmp_path / "env.json").read_text())
+    assert env == {"TRADEBALANCER_WORKER": "1", "TRADEBALANCER_FDS": "3,4"}

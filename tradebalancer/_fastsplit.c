@@ -6,9 +6,10 @@
  * the pipe being the C original's (FNV-1a 64-bit of the route key, upper 32 bits, mod N).
  * split.py's Splitter calls it first and keeps every rule that is not about speed; see there.
  *
- * Router(pipes, route_keys, default_key).route(frame, out) returns the number of events routed,
- * or -1 to decline, having appended nothing; the Python paths then decide. It declines, so
- * that what it accepts routes exactly as a JSON parser would:
+ * Router(pipes, route_keys, default_key, limit).route(frame, out) returns the number of events
+ * routed, or -1 to decline, having appended nothing; the Python paths then decide. It declines,
+ * so that what it accepts routes exactly as a JSON parser would and frames as the reader reads:
+ *   - an event of limit bytes or more (reader/format.py LIMIT: the pipe format cannot carry it);
  *   - a frame with a byte over 0x7F (its keys would need UTF-8 validation);
  *   - anything but whitespace, '[', objects separated by ',', ']', whitespace;
  *   - an event whose "ev" is missing, not a string or "status", or whose route key member is
@@ -80,6 +81,7 @@ typedef struct {
     PyObject **chunks;      /* scratch: per pipe, the bytes object being filled */
     Found *found;           /* scratch: per route key name, its value in this event */
     Py_ssize_t layout_events; /* events routed by layout_event, in frames that were routed */
+    Py_ssize_t limit;         /* events must be shorter: the pipe format's LIMIT */
 } Router;
 
 
@@ -524,7 +526,7 @@ static Py_ssize_t scan_frame(Router *r, const unsigned char *s, Py_ssize_t n)
             end = general_event(r, s, i, n, &pipe);
         else
             layout++;
-        if (end < 0)
+        if (end < 0 || end - i >= r->limit)
             return DECLINE;
         if (add_event(r, count, i, end, pipe) < 0)
             return FAILED;
@@ -648,11 +650,12 @@ static int key_index(Router *r, PyObject *text)
 
 static int Router_init(Router *r, PyObject *args, PyObject *kwargs)
 {
-    static char *keywords[] = {"pipes", "route_keys", "default_key", NULL};
+    static char *keywords[] = {"pipes", "route_keys", "default_key", "limit", NULL};
     unsigned int pipes;
     PyObject *route_keys, *default_key;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "IO!U", keywords, &pipes, &PyDict_Type,
-                                     &route_keys, &default_key))
+    Py_ssize_t limit;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "IO!Un", keywords, &pipes, &PyDict_Type,
+                                     &route_keys, &default_key, &limit))
         return -1;
     if (r->keys != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Router is initialised once");
@@ -662,6 +665,11 @@ static int Router_init(Router *r, PyObject *args, PyObject *kwargs)
         PyErr_Format(PyExc_ValueError, "pipes must be at least 1, got %u", pipes);
         return -1;
     }
+    if (limit < 3) {
+        PyErr_Format(PyExc_ValueError, "limit must be at least 3, got %zd", limit);
+        return -1;
+    }
+    r->limit = limit;
     Py_ssize_t types = PyDict_Size(route_keys);
     r->pipes = pipes;
     r->keys = PyMem_Calloc((size_t)types + 1, sizeof(Name));
@@ -727,7 +735,7 @@ static PyMemberDef Router_members[] = {
 static PyTypeObject RouterType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "tradebalancer._fastsplit.Router",
-    .tp_doc = "Router(pipes, route_keys, default_key): the per-event loop of split.Splitter.",
+    .tp_doc = "Router(pipes, route_keys, default_key, limit): the per-event loop of split.Splitter.",
     .tp_basicsize = sizeof(Router),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = PyType_GenericNew,

@@ -31,7 +31,7 @@ import jinja2
 import jinja2.meta
 
 from .errors import ConfigError
-from .workers import FIRST_FD
+from .reader.format import FIRST_FD
 
 if TYPE_CHECKING:
     from .config import FeedConfig

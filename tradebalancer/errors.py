@@ -10,7 +10,9 @@ command line can tell "our" failures (a message for the user) from bugs (a trace
      +-- TransportError     TCP, TLS and kernel TLS                               -> reconnect
      |    +-- KernelTLSUnavailable  tls = "kernel" but the kernel can't take it   -> exit 69
      +-- WorkerError        pipes and worker processes                            -> exit 71
-          +-- framing.ProtocolError  a worker's pipe stream is corrupt (worker side)
+
+The worker library (tradebalancer.reader) has a tree of its own, ReaderError and its
+ProtocolError: it imports nothing from the daemon, this module included.
 
 Errors are translated at the boundary (``raise TransportError(...) from exc``), carry their
 fields, and build the message in ``__str__``: what is wrong, then what to do.

@@ -42,6 +42,7 @@ from .config import FeedConfig
 from .errors import AuthError, ExitCode, KernelTLSUnavailable, TradeBalancerError, TransportError
 from .feed import Feed
 from .pipes import Pipe, close_pipes, flush_pipes, format_size, open_pipes, pipe_max_size
+from .reader.format import LIMIT
 from .routing import balance_warning
 from .signals import Signals, install
 from .split import FrameError, Splitter
@@ -588,6 +589,17 @@ class Service:
         stats.slow_frames = splitter.slow_frames
         stats.rejected_frames = splitter.rejected_frames
         stats.unkeyed_events = splitter.unkeyed_events
+        if splitter.refused_events > stats.refused_events and splitter.last_refused is not None:
+            size, excerpt = splitter.last_refused
+            logger.warning(
+                "refused %d event(s) of %s or more, which the pipe format cannot carry (no "
+                "worker could read them); the last, %s: %r",
+                splitter.refused_events - stats.refused_events,
+                format_size(LIMIT),
+                format_size(size),
+                excerpt,
+            )
+            stats.refused_events = splitter.refused_events
         if self.pipes:
             worst = max(self.pipes, key=lambda pipe: pipe.backlog_bytes)
             stats.largest_backlog = worst.backlog_bytes

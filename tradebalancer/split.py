@@ -2,9 +2,15 @@
 
 Owns the balancer's hot path. A frame (one websocket message) is a JSON array of events; for
 each the splitter appends to its pipe's list (routing.py) the event's 4-byte little-endian
-length, then its bytes exactly as received, ``{`` to matching ``}``: it never re-serialises.
-Status events go to a list of their own for the feed. No I/O, no clock, no logging; a frame
-that is not a JSON array of objects raises FrameError with nothing appended.
+length, then its bytes exactly as received, ``{`` to matching ``}``: it never re-serialises
+(the pipe format is reader/format.py's, the one the workers' reader imports too). Status
+events go to a list of their own for the feed. No I/O, no clock, no logging; a frame that is
+not a JSON array of objects raises FrameError with nothing appended.
+
+An event of ``format.LIMIT`` bytes or more (7.7 MiB; ``max_message_size`` lets frames of 16 MiB
+through) cannot be framed for a worker: it is refused, never written, counted in
+``refused_events`` with its size and first bytes in ``last_refused`` for the log, and the
+other events of its frame go on.
 
 Route key: the member named ``route_keys[ev]``, else ``default_key``, if its value is a string;
 the bytes hashed are that string decoded, as UTF-8 (``"A\\u0041PL"`` routes as ``AAPL``). An
@@ -66,13 +72,13 @@ operations; the benchmark's docstring lists the designs compared.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Final
 
 import orjson
 
+from .reader import format
 from .routing import PipeMap
 from .spans import object_spans
 
@@ -120,10 +126,9 @@ _HEAD_LIMIT: Final = 1 << 12  # distinct event types remembered
 # is dropped and refills from the symbols still flowing.
 CACHE_LIMIT: Final = 1 << 18
 
-# Prebuilt length headers: a list index costs 18 ns, struct.pack 35 ns (measured). A fast-path
-# event longer than the table sends its frame to the slow path, which packs.
-_HEADERS: Final = [n.to_bytes(4, "little") for n in range(1 << 14)]
-_pack_length = struct.Struct("<I").pack
+# Prebuilt length headers (format.py): a fast-path event longer than the table sends its frame
+# to the slow path, which also checks the pipe format's limit.
+_HEADERS: Final = format.headers()
 
 _KINDS: Final = {dict: "an object", list: "an array", str: "a string", type(None): "null"}
 
@@ -194,11 +199,6 @@ def _describe(value: object) -> str:
     return _KINDS.get(type(value), "a boolean" if isinstance(value, bool) else "a number")
 
 
-def _header(length: int) -> bytes:
-    """Return the 4-byte little-endian length header for an event of ``length`` bytes."""
-    return _HEADERS[length] if length < len(_HEADERS) else _pack_length(length)
-
-
 def _emit(
     pieces: list[bytes],
     pair: tuple[bytes, bytes],
@@ -207,10 +207,13 @@ def _emit(
     resolve: Callable[[bytes, _Head], int],
     head: _Head,
     out: list[list[bytes]],
+    headers: list[bytes],
 ) -> bool:
-    """Append header and event for each piece to its pipe's list; on failure undo and say so."""
+    """Append header and event for each piece to its pipe's list; on failure undo and say so.
+
+    ``headers`` is indexed by event length; an event too long for it fails the piece.
+    """
     get = cache.get
-    headers = _HEADERS
     try:
         for piece in pieces:
             pipe = get(piece[window])
@@ -245,6 +248,7 @@ class Splitter:
         strict: bool = False,
         cache_limit: int = CACHE_LIMIT,
         accelerate: bool = True,
+        limit: int = format.LIMIT,
     ) -> None:
         """Split over ``pipes`` pipes, routing each event type by its member in ``route_keys``.
 
@@ -252,15 +256,22 @@ class Splitter:
         parsed in full, so a frame that is not valid JSON is never forwarded, even one the
         fast path's structural checks would take. Each pipe cache is dropped when it reaches
         ``cache_limit`` entries. With ``accelerate`` (and the extension built) the C router
-        takes every frame it can before the Python paths see it.
+        takes every frame it can before the Python paths see it. ``limit`` (the pipe format's,
+        smaller in tests) bounds the events written.
         """
+        if not 3 <= limit <= format.LIMIT:
+            raise ValueError(f"limit must be from 3 to {format.LIMIT:#x}, got {limit}")
         self._pipe_map = PipeMap(pipes, cache_limit)
         self.pipes = pipes
         # Fixed for the splitter's life: the caches below and the C router's tables depend on them.
         self._route_keys = dict(route_keys)
         self._default_key = default_key
         use_router = accelerate and Router is not None
-        self._router = Router(pipes, self._route_keys, default_key) if use_router else None
+        self._router = Router(pipes, self._route_keys, default_key, limit) if use_router else None
+        self._limit = limit
+        # The fast path's header table, no longer than the limit allows: a longer event fails
+        # its piece and the frame goes to the slow path, which refuses it.
+        self._headers = _HEADERS[:limit]
         # Whether the C router runs first (False only if the extension is not built).
         self.accelerated = self._router is not None
         self._strict = strict
@@ -269,6 +280,8 @@ class Splitter:
         self.slow_frames = 0
         self.rejected_frames = 0
         self.unkeyed_events = 0
+        self.refused_events = 0  # of limit bytes or more: the pipe format cannot carry them
+        self.last_refused: tuple[int, bytes] | None = None  # the last one's size and first bytes
         self._heads: dict[bytes, _Head | None] = {}
         self._key_pipes: dict[bytes, int] = {}
         self._head_pipes: dict[bytes, dict[bytes, int]] = {}
@@ -355,7 +368,16 @@ class Splitter:
             or not _lacks(rests, head.letters, head.name)
         ):
             return -1
-        if not _emit(pieces, head.pair, _KEY_WINDOW, self._key_pipes, self._resolve_key, head, out):
+        if not _emit(
+            pieces,
+            head.pair,
+            _KEY_WINDOW,
+            self._key_pipes,
+            self._resolve_key,
+            head,
+            out,
+            self._headers,
+        ):
             return -1
         return len(pieces)
 
@@ -372,7 +394,9 @@ class Splitter:
         ):
             return -1
         cache = self._head_pipes.setdefault(head.key, {})
-        if not _emit(pieces, _EVENT_PAIR, _HEAD_WINDOW, cache, self._resolve_head, head, out):
+        if not _emit(
+            pieces, _EVENT_PAIR, _HEAD_WINDOW, cache, self._resolve_head, head, out, self._headers
+        ):
             return -1
         return len(pieces)
 
@@ -437,11 +461,16 @@ class Splitter:
             raise FrameError(f"found {len(spans)} objects, the parser {len(items)}", frame)
         routes: list[tuple[int, bytes]] = []
         statuses: list[bytes] = []
-        unkeyed = 0
+        unkeyed = refused = 0
+        limit = self._limit
         for (start, end), item in zip(spans, items, strict=True):
             event_type = item.get("ev")
             if event_type == "status":
                 statuses.append(frame[start:end])
+                continue
+            if end - start >= limit:
+                refused += 1
+                self.last_refused = (end - start, bytes(frame[start : start + EXCERPT_BYTES]))
                 continue
             if isinstance(event_type, str):
                 name = self._route_keys.get(event_type, self._default_key)
@@ -454,10 +483,12 @@ class Splitter:
                 key = b""
                 unkeyed += 1
             routes.append((self._pipe_map.pipe(key), frame[start:end]))
+        header = format.header
         for pipe, event in routes:
             target = out[pipe]
-            target.append(_header(len(event)))
+            target.append(header(len(event)))
             target.append(event)
         status.extend(statuses)
         self.unkeyed_events += unkeyed
+        self.refused_events += refused
         return len(routes)

@@ -24,6 +24,7 @@ class Stats:
     slow_frames: int = 0
     rejected_frames: int = 0
     unkeyed_events: int = 0
+    refused_events: int = 0  # too long for the pipe format: never written
     reconnects: int = 0
     worker_restarts: int = 0
     backpressure_episodes: int = 0

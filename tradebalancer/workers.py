@@ -35,11 +35,10 @@ from typing import Literal
 import prctl
 
 from .errors import WorkerError
+from .reader.format import FDS_VARIABLE, FIRST_FD
 from .signals import HANDLED
 
 logger = logging.getLogger(__name__)
-
-FIRST_FD = 3  # the C original's contract: pipes start right after stdin, stdout and stderr
 
 _POLICY_NAMES = {
     os.SCHED_OTHER: "SCHED_OTHER",
@@ -338,6 +337,7 @@ class WorkerPool:
     def _spawn(self, worker: Worker, now: float) -> None:
         env = dict(self.env)
         env["TRADEBALANCER_WORKER"] = str(worker.index)
+        env[FDS_VARIABLE] = ",".join(str(FIRST_FD + i) for i in range(len(worker.read_fds)))
         spawn(worker, cwd=self.cwd, env=env, now=now, batch=self.scheduling == "batch")
         if self.scheduling == "batch" and not self._policy_warned:
             self._check_policy(worker)

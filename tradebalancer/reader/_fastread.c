@@ -1,9 +1,10 @@
 /*
- * tradebalancer._fastread: the worker side's per-message loop in C, for framing.py.
+ * tradebalancer.reader._fastread: the worker side's per-message loop in C, for framing.py.
  *
- * parse(data, begin, messages) -> (end, bad): from the boundary data[begin], appends to the
- * list messages each complete message's body (the bytes after its 4-byte little-endian
- * length) while the headers are sound: length below LIMIT and body starting with '{'. Stops at
+ * parse(data, begin, messages, limit) -> (end, bad): from the boundary data[begin], appends to
+ * the list messages each complete message's body (the bytes after its 4-byte little-endian
+ * length) while the headers are sound: length below limit (format.LIMIT, passed in so that
+ * the rule has one home) and body starting with '{'. Stops at
  * the first message that is not complete, or at a bad header, and returns its offset and
  * whether it was bad. MessageParser keeps everything else (partial headers, the resync rule,
  * the error it records), so this changes speed, never results: tests/test_framing.py and
@@ -13,18 +14,20 @@
 #include <Python.h>
 #include <stdint.h>
 
-#define LIMIT 0x7B0000UL /* framing.LIMIT */
 #define OPEN_BRACE '{'
 
 static PyObject *parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 3 || !PyList_Check(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "parse(data, begin, messages: list)");
+    if (nargs != 4 || !PyList_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "parse(data, begin, messages: list, limit)");
         return NULL;
     }
     Py_ssize_t position = PyLong_AsSsize_t(args[1]);
     if (position == -1 && PyErr_Occurred())
+        return NULL;
+    const unsigned long limit = PyLong_AsUnsignedLong(args[3]);
+    if (limit == (unsigned long)-1 && PyErr_Occurred())
         return NULL;
     Py_buffer view;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
@@ -42,7 +45,7 @@ static PyObject *parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs
         const unsigned char *header = data + position;
         unsigned long length = (unsigned long)header[0] | (unsigned long)header[1] << 8 |
                                (unsigned long)header[2] << 16 | (unsigned long)header[3] << 24;
-        if (length >= LIMIT || header[4] != OPEN_BRACE) {
+        if (length >= limit || header[4] != OPEN_BRACE) {
             bad = 1;
             break;
         }
@@ -63,14 +66,14 @@ static PyObject *parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs
 
 static PyMethodDef fastread_methods[] = {
     {"parse", (PyCFunction)(void (*)(void))parse, METH_FASTCALL,
-     "parse(data, begin, messages) -> (end, bad): append the complete messages from the "
-     "boundary begin; end is where parsing stopped, bad whether a header there is unsound."},
+     "parse(data, begin, messages, limit) -> (end, bad): append the complete messages from "
+     "the boundary begin; end is where parsing stopped, bad whether a header there is unsound."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef fastread_module = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "tradebalancer._fastread",
+    .m_name = "tradebalancer.reader._fastread",
     .m_doc = "The worker side's per-message loop in C: see framing.py.",
     .m_size = -1,
     .m_methods = fastread_methods,

@@ -1,11 +1,12 @@
-"""The worker side of the pipes: reading the balancer's framed events, fast, from several fds.
+"""tradebalancer.reader: the worker library. Reads the balancer's framed events, fast.
 
-Owns reading a worker's pipes: waiting on several at once (poll, or the asyncio loop), reading
-each into one reused buffer, and handing the bytes to each pipe's ``framing.MessageParser``,
-which cuts the messages (and finds the first boundary on a pipe a dead worker left
-mid-message: ``skipped_bytes``, ``on_skip``). Knows nothing of what an event means, and never
-writes to a pipe. Imports nothing of the balancer beyond ``framing`` and its errors, so a
-worker that uses it starts fast and stays small.
+Owns the worker's side of the pipes: the pipe format (``format``: the header, the length limit,
+the first fd), cutting one pipe's bytes into messages (``framing``: sans-I/O, with a C loop),
+and reading a worker's pipes (``Reader`` here: waiting on several at once with poll or the
+asyncio loop, each read into one reused buffer). ``sample`` is a whole worker, for the demo.
+Knows nothing of what an event means, never writes to a pipe, and imports nothing from the
+rest of tradebalancer nor any third-party package: a worker host installs it alone
+(``tradebalancer-reader``), and a worker that uses it starts fast and stays small.
 
 Writing a worker
 ----------------
@@ -47,24 +48,53 @@ import math
 import os
 import select
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 
-from .framing import LIMIT, MessageParser, ProtocolError
+from .format import FDS_VARIABLE, FIRST_FD, LIMIT
+from .framing import MessageParser, ProtocolError, ReaderError
 
-# The worker's API, the framing's names included: ``except ProtocolError`` needs no other import.
+# The worker's API, the format's and the framing's names included: ``except ProtocolError``
+# needs no other import.
 __all__ = [
+    "FDS_VARIABLE",
+    "FIRST_FD",
     "LIMIT",
     "MessageParser",
     "ProtocolError",
     "Reader",
+    "ReaderError",
     "SkipCallback",
     "aread",
     "aread_batches",
     "fds_from_argv",
+    "fds_from_environment",
 ]
 
 SkipCallback = Callable[[int, bytes], object]
+
+
+def fds_from_environment(environ: Mapping[str, str] | None = None) -> list[int]:
+    """Return the worker's pipe fds, in pipe order, from ``TRADEBALANCER_FDS`` ("3,4,5").
+
+    The balancer sets it for every worker, as systemd sets LISTEN_FDS: the fds cannot be
+    confused with the worker's own arguments. Raises ReaderError, saying what to do, when the
+    variable is missing or malformed (a worker started by hand: set it, or pass the fds).
+    """
+    environ = os.environ if environ is None else environ
+    value = environ.get(FDS_VARIABLE)
+    if value is None:
+        raise ReaderError(
+            f"{FDS_VARIABLE} is not set: this worker was not started by tradebalancer; set "
+            f"{FDS_VARIABLE}=3,4 to read fds 3 and 4 by hand"
+        )
+    try:
+        fds = [int(part) for part in value.split(",")]
+    except ValueError:
+        fds = []
+    if not fds or min(fds) < 0 or len(set(fds)) != len(fds):
+        raise ReaderError(f"{FDS_VARIABLE} must list distinct fds like 3,4,5, got {value!r}")
+    return fds
 
 
 def fds_from_argv(argv: Sequence[str]) -> list[int]:

@@ -1,6 +1,7 @@
 """The pipe framing as a worker sees it: message boundaries, messages, protocol errors.
 
-Owns cutting ``[u32 little-endian length][JSON object]`` messages out of one pipe's byte stream:
+Owns cutting ``[u32 little-endian length][JSON object]`` messages (format.py) out of one pipe's
+byte stream:
 finding the first boundary on a pipe a dead worker left mid-message, the messages themselves,
 and what makes a stream not this protocol. Sans-I/O: bytes in, messages out, no fds, no clock,
 and it never raises (an error is recorded); ``reader`` does the reading and the waiting.
@@ -42,6 +43,9 @@ start with ``{``, means the pipe does not carry this protocol: the messages befo
 delivered, then ``ProtocolError`` is raised. Bytes of an unfinished message at end of file (the
 balancer died mid-write) are skipped and counted like a resync.
 
+The limit is ``format.LIMIT``; a parser may be given a smaller one (tests do, to reach it with
+small data): the proof needs only ``LIMIT <= 0x7B0000``.
+
 Speed notes, measured with ``tests/bench_reader.py`` (2-core VM, ~110-byte trades): the C loop
 (``_fastread.c``) alone on in-memory data takes 53-55 M messages/s. Per message it checks the
 header and makes one ``bytes`` (the only copy of a message); the Python loop, used when the
@@ -57,27 +61,31 @@ from __future__ import annotations
 
 import struct
 
-from .errors import WorkerError
+from .format import LIMIT
 
 try:
     from ._fastread import parse as _parse_in_c
 except ImportError:  # a source tree whose extension is not built: the Python loop alone
     _parse_in_c = None  # type: ignore[assignment]
 
-LIMIT = 0x7B0000  # the balancer sends events shorter than this, so header byte 3 is 0, byte 2 < '{'
 OPEN_BRACE = 0x7B  # b"{"[0]
 CLOSE_BRACE = 0x7D  # b"}"[0]
 _HEADER_AND_FIRST = struct.Struct("<IB")  # the length and the first body byte in one call
 _MARK = b"\x00{"  # header byte 3 and the body's first byte: where every message body begins
 
 
-class ProtocolError(WorkerError):
+class ReaderError(Exception):
+    """The root of every error the worker library raises on purpose."""
+
+
+class ProtocolError(ReaderError):
     """A pipe carried bytes that are not the balancer's framing, after its first boundary."""
 
     def __init__(self, fd: int, offset: int, message: str) -> None:
-        super().__init__(message)
+        super().__init__(fd, offset, message)
         self.fd = fd
         self.offset = offset
+        self.message = message
 
     def __str__(self) -> str:
         return (
@@ -94,8 +102,11 @@ class MessageParser:
     protocol error is recorded in ``error`` and everything after it is ignored.
     """
 
-    def __init__(self, fd: int = -1) -> None:
+    def __init__(self, fd: int = -1, *, limit: int = LIMIT) -> None:
+        if not 5 <= limit <= LIMIT:
+            raise ValueError(f"limit must be from 5 to {LIMIT:#x}, got {limit}")
         self.fd = fd
+        self.limit = limit
         self.synchronised = False
         self.error: ProtocolError | None = None
         self.skipped_bytes = 0
@@ -178,8 +189,8 @@ class MessageParser:
 
     def _check(self, length: int, first: int, offset: int) -> bool:
         """Return whether a header is sound; if not, record the error at stream ``offset``."""
-        if length >= LIMIT:
-            message = f"length {length:#x} is not below the limit {LIMIT:#x}"
+        if length >= self.limit:
+            message = f"length {length:#x} is not below the limit {self.limit:#x}"
         elif first != OPEN_BRACE:
             message = f"the body starts with {first:#04x}, not '{{'"
         else:
@@ -223,7 +234,7 @@ class MessageParser:
         size = len(data)
         base = self.position - begin  # the stream offset of data[0]
         if _parse_in_c is not None:  # the same loop in C, with every header checked
-            position, bad = _parse_in_c(data, begin, messages)
+            position, bad = _parse_in_c(data, begin, messages, self.limit)
             if bad:
                 length, first = _HEADER_AND_FIRST.unpack_from(data, position)
                 self._check(length, first, base + position)
@@ -231,7 +242,7 @@ class MessageParser:
             self.position = base + position
             return position
         assert isinstance(data, bytes)  # receive_data copies a view when there is no C loop
-        if size - begin > LIMIT + 3:  # a length past the limit could complete: check each
+        if size - begin > self.limit + 3:  # a length past the limit could complete: check each
             return self._parse_checked(data, begin, messages)
         unpack = _HEADER_AND_FIRST.unpack_from
         position = start = begin

@@ -1,3 +1,0 @@
-def parse(
-    data: bytes | bytearray | memoryview, begin: int, messages: list[bytes], /
-) -> tuple[int, bool]: ...

@@ -1,0 +1,3 @@
+def parse(
+    data: bytes | bytearray | memoryview, begin: int, messages: list[bytes], limit: int, /
+) -> tuple[int, bool]: ...
