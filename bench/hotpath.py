@@ -27,7 +27,7 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("split and route (split.py, routing.py)", ("split.py", "routing.py", "spans.py")),
     ("b''.join per pipe (service._dispatch)", ("_dispatch (",)),
     ("pipe write() calls (pipes.py)", ("pipes.py",)),
-    ("recv_into, TLS decryption (transport.py)", ("transport.py", "ktls.py", "tlssocket.py")),
+    ("receive_into, TLS decryption (transport/)", ("/transport/",)),
     ("feed protocol (feed.py)", ("feed.py",)),
     ("epoll wait (selectors)", ("selectors.py",)),
 ]

@@ -48,9 +48,11 @@ from typing import Any
 import stopstress
 from tlspeer import pattern, receive, send, start_peer
 
-from tradebalancer import ktls, tlskeys, tlssocket
 from tradebalancer.errors import KernelTLSUnavailable, TransportError
 from tradebalancer.transport import Transport, open_transport
+from tradebalancer.transport import kernel as tls_kernel
+from tradebalancer.transport import keys as tls_keys
+from tradebalancer.transport import session as tls_session
 
 Facts = dict[str, Any]
 SCENARIO_SECONDS = 120  # a scenario that takes longer is stuck: its record says so
@@ -86,7 +88,7 @@ def tls_module_loaded() -> bool:
     return any(line.split()[0] == "tls" for line in Path("/proc/modules").read_text().splitlines())
 
 
-def _layout(info: tlskeys.CryptoInfo) -> dict[str, slice]:
+def _layout(info: tls_keys.CryptoInfo) -> dict[str, slice]:
     """Where each field of ``info.pack()`` lies (include/uapi/linux/tls.h)."""
     offsets, start = {}, 4
     for name, size in (("iv", len(info.iv)), ("key", len(info.key)), ("salt", len(info.salt))):
@@ -96,15 +98,15 @@ def _layout(info: tlskeys.CryptoInfo) -> dict[str, slice]:
     return offsets
 
 
-def read_back(sock: socket.socket, tx: tlskeys.CryptoInfo, rx: tlskeys.CryptoInfo) -> Facts:
+def read_back(sock: socket.socket, tx: tls_keys.CryptoInfo, rx: tls_keys.CryptoInfo) -> Facts:
     """What getsockopt(SOL_TLS, TLS_TX/TLS_RX) returns, compared with what was handed over.
 
     Never reports key bytes: only whether each field matches, and the public numbers.
     """
     facts: Facts = {}
-    for direction, option, info in (("tx", tlssocket.TLS_TX, tx), ("rx", tlssocket.TLS_RX, rx)):
+    for direction, option, info in (("tx", tls_kernel.TLS_TX, tx), ("rx", tls_kernel.TLS_RX, rx)):
         expected = info.pack()
-        got = sock.getsockopt(tlssocket.SOL_TLS, option, len(expected))
+        got = sock.getsockopt(tls_kernel.SOL_TLS, option, len(expected))
         layout = _layout(info)
         facts[f"{direction}_readback_matches"] = got == expected
         facts[f"{direction}_readback_differs_in"] = [
@@ -120,14 +122,14 @@ def read_back(sock: socket.socket, tx: tlskeys.CryptoInfo, rx: tlskeys.CryptoInf
     return facts
 
 
-def read_sequence(sock: socket.socket, tx: tlskeys.CryptoInfo, rx: tlskeys.CryptoInfo) -> Facts:
+def read_sequence(sock: socket.socket, tx: tls_keys.CryptoInfo, rx: tls_keys.CryptoInfo) -> Facts:
     """The kernel's current sequence numbers (and TLS 1.2 AES-GCM transmit nonce) now."""
     facts: Facts = {}
-    for direction, option, info in (("tx", tlssocket.TLS_TX, tx), ("rx", tlssocket.TLS_RX, rx)):
-        got = sock.getsockopt(tlssocket.SOL_TLS, option, len(info.pack()))
+    for direction, option, info in (("tx", tls_kernel.TLS_TX, tx), ("rx", tls_kernel.TLS_RX, rx)):
+        got = sock.getsockopt(tls_kernel.SOL_TLS, option, len(info.pack()))
         layout = _layout(info)
         facts[f"{direction}_rec_seq_after"] = int.from_bytes(got[layout["rec_seq"]], "big")
-        if direction == "tx" and info.version == tlskeys.TLS_1_2_VERSION and info.salt:
+        if direction == "tx" and info.version == tls_keys.TLS_1_2_VERSION and info.salt:
             # TLS 1.2 AES-GCM: the kernel sends its explicit nonce and counts it up per record.
             nonce = int.from_bytes(got[layout["iv"]], "big") - int.from_bytes(info.iv, "big")
             facts["tx_explicit_nonce_advance"] = nonce
@@ -135,7 +137,7 @@ def read_sequence(sock: socket.socket, tx: tlskeys.CryptoInfo, rx: tlskeys.Crypt
 
 
 class InstallRecorder:
-    """Records what ``tlssocket.install`` is given (it still runs unchanged) during a ``with``.
+    """Records what ``tls_kernel.install`` is given (it still runs unchanged) during a ``with``.
 
     open_transport derives and installs the crypto info in one call; recording the call is
     the only way to compare what the kernel reads back with what the code derived. The
@@ -143,18 +145,18 @@ class InstallRecorder:
     """
 
     def __init__(self) -> None:
-        self.calls: list[tuple[socket.socket, tlskeys.CryptoInfo, tlskeys.CryptoInfo]] = []
-        self._real = tlssocket.install
+        self.calls: list[tuple[socket.socket, tls_keys.CryptoInfo, tls_keys.CryptoInfo]] = []
+        self._real = tls_kernel.install
 
     def __enter__(self) -> InstallRecorder:
-        ktls.install = self._install
+        tls_session.install = self._install
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        ktls.install = self._real
+        tls_session.install = self._real
 
     def _install(
-        self, sock: socket.socket, tx: tlskeys.CryptoInfo, rx: tlskeys.CryptoInfo, address: str
+        self, sock: socket.socket, tx: tls_keys.CryptoInfo, rx: tls_keys.CryptoInfo, address: str
     ) -> str | None:
         self.calls.append((sock, tx, rx))
         return self._real(sock, tx, rx, address)
@@ -170,7 +172,7 @@ def digits(size: int) -> bytes:
 
 def send_bogus_record(sock: socket.socket) -> None:
     """Have the kernel send one record of a content type TLS does not define."""
-    control = [(tlssocket.SOL_TLS, tlssocket.TLS_SET_RECORD_TYPE, bytes([BOGUS_RECORD_TYPE]))]
+    control = [(tls_kernel.SOL_TLS, tls_kernel.TLS_SET_RECORD_TYPE, bytes([BOGUS_RECORD_TYPE]))]
     sock.sendmsg([b"\x00"], control)
 
 
@@ -305,17 +307,17 @@ def describe(transport: Transport) -> Facts:
     }
 
 
-def handshake_in_user_space(port: int, ca: str) -> tuple[socket.socket, ktls.Session]:
-    """Connect and run the verified handshake the way transport.py does, without a hand-off."""
-    context = ktls.create_context(kernel=True, ca_file=ca)
-    key_log = ktls.KeyLog(context)
+def handshake_in_user_space(port: int, ca: str) -> tuple[socket.socket, tls_session.Session]:
+    """Connect and run the verified handshake the way the connector does, without a hand-off."""
+    context = tls_session.create_context(kernel=True, ca_file=ca)
+    key_log = tls_session.KeyLog(context)
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-    session = ktls.Session(context, "localhost", f"127.0.0.1:{port}", key_log=key_log)
+    session = tls_session.Session(context, "localhost", f"127.0.0.1:{port}", key_log=key_log)
     session.handshake(sock, time.monotonic() + 30)
     return sock, session
 
 
-def read_in_user_space(sock: socket.socket, session: ktls.Session, size: int) -> bytes:
+def read_in_user_space(sock: socket.socket, session: tls_session.Session, size: int) -> bytes:
     """``size`` bytes of application data through OpenSSL, one record at a time."""
     data = b""
     deadline = time.monotonic() + 30
@@ -350,8 +352,8 @@ def wait_tcp_state(sock: socket.socket, state: int, deadline: float) -> str:
 
 
 def hand_off_now(
-    sock: socket.socket, session: ktls.Session
-) -> tuple[Transport, tlskeys.CryptoInfo, tlskeys.CryptoInfo, Facts]:
+    sock: socket.socket, session: tls_session.Session
+) -> tuple[Transport, tls_keys.CryptoInfo, tls_keys.CryptoInfo, Facts]:
     """Hand the session to the kernel now; the transport over it, what was derived, facts."""
     tx, rx = session.crypto_info()
     partial = session.hand_off(sock)
@@ -778,7 +780,7 @@ def balancer_run(plan: dict[str, Any], work: Path, name: str) -> Facts:
     log = balancer.log()
     facts["tls_lines"] = balancer.lines("TLS: ", "kernel TLS", "tls kernel module", "modprobe")
     facts["fallback_lines"] = balancer.lines("kernel TLS not used")
-    facts["negotiated"] = balancer.lines("transmit in")  # transport.py's debug line
+    facts["negotiated"] = balancer.lines("transmit in")  # the connector's debug line
     facts["connections"] = len(balancer.lines("(TLS: "))  # service.py's "connected" line
     facts["end_of_replay_seen"] = "end of replay" in log
     facts["trouble_before_end"] = trouble_before_end_of_replay(log)[:10]
@@ -831,9 +833,9 @@ def ulp_as_this_user() -> Facts:
     facts: Facts = {"uid": os.getuid(), "effective_capabilities": _capabilities()}
     with listener, socket.create_connection(listener.getsockname()) as sock:
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, tlssocket.TCP_ULP, b"tls")
+            sock.setsockopt(socket.IPPROTO_TCP, tls_kernel.TCP_ULP, b"tls")
         except OSError as exc:
-            facts["tcp_ulp"] = tlssocket.describe_os_error(exc)
+            facts["tcp_ulp"] = tls_kernel.describe_os_error(exc)
         else:
             facts["tcp_ulp"] = "set"
     facts["tls_module_loaded"] = tls_module_loaded()

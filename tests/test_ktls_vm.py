@@ -33,8 +33,9 @@ from test_packaging import build_package
 from tlsca import make_ca
 from vm import VMResult, run_in_vm, vm_available
 
-from tradebalancer import synth, tlskeys
+from tradebalancer import synth
 from tradebalancer.routing import pipe_for
+from tradebalancer.transport import keys as tls_keys
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -46,9 +47,9 @@ KEY = "ktls-test-key-5309"
 PIPES, WORKERS = 5, 2
 NGINX_PORT, REPLAY_BEHIND_NGINX_PORT = 9445, 9944
 _AES128, _AES256, _CHACHA = (
-    tlskeys.TLS_CIPHER_AES_GCM_128,
-    tlskeys.TLS_CIPHER_AES_GCM_256,
-    tlskeys.TLS_CIPHER_CHACHA20_POLY1305,
+    tls_keys.TLS_CIPHER_AES_GCM_128,
+    tls_keys.TLS_CIPHER_AES_GCM_256,
+    tls_keys.TLS_CIPHER_CHACHA20_POLY1305,
 )
 # (version, label, Python peer's suite (ECDSA certificate), s_server's (RSA), kernel cipher)
 PAIRS: list[dict[str, Any]] = [
@@ -492,7 +493,7 @@ def test_both_directions_run_in_the_kernel(
     assert record["tls_version"] == f"TLSv{pair['version']}", why
     assert record["cipher"] == pair[peer], why
     version = (
-        f"{tlskeys.TLS_1_3_VERSION if pair['version'] == '1.3' else tlskeys.TLS_1_2_VERSION:#06x}"
+        f"{tls_keys.TLS_1_3_VERSION if pair['version'] == '1.3' else tls_keys.TLS_1_2_VERSION:#06x}"
     )
     for direction in ("tx", "rx"):
         differs = record[f"{direction}_readback_differs_in"]

@@ -11,9 +11,8 @@ import pytest
 from tlsca import make_ca, make_wrong_host_cert
 from tlspeer import pattern, receive, send, start_peer
 
-from tradebalancer import tlssocket
 from tradebalancer.errors import KernelTLSUnavailable, TransportError
-from tradebalancer.transport import TLS_MODES, Transport, open_transport
+from tradebalancer.transport import TLS_MODES, Transport, kernel, open_transport
 
 BUFFER = memoryview(bytearray(4 << 20))  # the service's receive buffer is 1-4 MiB
 
@@ -23,7 +22,7 @@ def _kernel_tls_missing() -> bool:
     listener = socket.create_server(("127.0.0.1", 0))
     with listener, socket.create_connection(listener.getsockname()) as sock:
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, tlssocket.TCP_ULP, b"tls")
+            sock.setsockopt(socket.IPPROTO_TCP, kernel.TCP_ULP, b"tls")
         except OSError as exc:
             return exc.errno == errno.ENOENT
     return False
@@ -54,7 +53,7 @@ def test_plain_tcp_round_trip_and_end_of_stream(tmp_path: Path) -> None:
         assert transport.address == f"127.0.0.1:{peer.port}"
         send(transport, b"hello world")
         assert receive(transport) == b"hello world"
-        assert transport.recv_into(BUFFER) == 0
+        assert transport.receive_into(BUFFER) == 0
         transport.close()
         assert peer.wait_for("eof")["close_notify"] is False
 
@@ -77,7 +76,7 @@ def test_auto_falls_back_to_user_space_and_says_why(tmp_path: Path, version: str
         assert peer.wait_for("echoed")["intact"]
         assert receive(transport, size + 100) == pattern(size) + pattern(100)
         with pytest.raises(BlockingIOError):
-            transport.recv_into(BUFFER)
+            transport.receive_into(BUFFER)
         transport.close()
         transport.close()  # idempotent
         assert peer.wait_for("eof")["close_notify"] is True
@@ -152,12 +151,12 @@ def test_wrong_host_name_says_expected_and_found(tmp_path: Path) -> None:
 
 
 def test_close_notify_from_the_server_reads_as_end_of_stream(tmp_path: Path) -> None:
-    """The server's close_notify makes recv_into return 0 after the data before it."""
+    """The server's close_notify makes receive_into return 0 after the data before it."""
     ca, cert, key = make_ca(tmp_path)
     with start_peer(tmp_path, [["send", "bye"], ["close_notify"]], cert=cert, key=key) as peer:
         transport = connect(peer.port, ca)
         assert receive(transport) == b"bye"
-        assert transport.recv_into(BUFFER) == 0
+        assert transport.receive_into(BUFFER) == 0
         transport.close()  # answers with our close_notify, which ends the server's unwrap()
         assert peer.wait_for("unwrapped")
 
@@ -173,7 +172,7 @@ def test_fin_without_close_notify_reads_as_end_of_stream(tmp_path: Path) -> None
 
 @pytest.mark.parametrize("tls", [False, True])
 def test_reset_by_the_server_is_a_transport_error(tmp_path: Path, tls: bool) -> None:
-    """A TCP reset from the server makes recv_into raise TransportError."""
+    """A TCP reset from the server makes receive_into raise TransportError."""
     ca, cert, key = make_ca(tmp_path)
     steps = [["recv", 4], ["reset"]]
     tls_files = {"cert": cert, "key": key} if tls else {}

@@ -61,7 +61,7 @@ def receive(transport: Transport, size: int | None = None, deadline: float | Non
     data = bytearray()
     while size is None or len(data) < size:
         try:
-            count = transport.recv_into(_BUFFER)
+            count = transport.receive_into(_BUFFER)
         except BlockingIOError:
             remaining = deadline - time.monotonic()
             if remaining <= 0:

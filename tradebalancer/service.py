@@ -2,7 +2,7 @@
 
 Owns the order of things and nothing of their insides. One thread, one epoll selector:
 
-    socket readable -> recv_into one big buffer (a *batch*) -> Feed.receive_data
+    socket readable -> receive_into one big buffer (a *batch*) -> Feed.receive_data
         -> Splitter.route every complete message into per-pipe chunk lists
         -> one write() per pipe per batch; what a pipe does not take waits in its backlog
     pipe writable   -> flush that pipe's backlog
@@ -306,7 +306,7 @@ class Service:
         buffer = self._buffer
         for _ in range(_MAX_READS_PER_WAKEUP):
             try:
-                count = transport.recv_into(buffer)
+                count = transport.receive_into(buffer)
             except BlockingIOError:
                 return
             except TransportError as exc:

@@ -1,10 +1,10 @@
-"""Kernel TLS: hand a verified TLS session from OpenSSL to the Linux kernel (kTLS).
+"""The TLS client session: a verified handshake in OpenSSL, then its hand-off to the kernel.
 
 Owns the TLS client session (an ``ssl.SSLObject`` over memory BIOs), the secrets it yields
 (OpenSSL's key log) and the counting of its records, which says when the session can be handed
 to the kernel and with which sequence numbers. Must not touch: connecting, socket lifetime, the
-event loop, websockets (``transport.py`` owns the socket and calls this), the key schedule
-(``tlskeys.py``), the kernel's socket options and records (``tlssocket.py``).
+event loop, websockets (``connector.py`` and ``stream.py`` own the socket and call this), the
+key schedule (``keys.py``), the kernel's socket options and records (``kernel.py``).
 Only the standard library is used at run time.
 
 Design, after Documentation/networking/tls.rst and include/uapi/linux/tls.h:
@@ -39,9 +39,9 @@ import socket
 import ssl
 import time
 
-from .errors import KernelTLSUnavailable, TransportError
-from .tlskeys import TLS_1_2_VERSION, TLS_1_3_VERSION, CryptoInfo, derive_crypto_info
-from .tlssocket import CHANGE_CIPHER_SPEC, HANDSHAKE, describe_os_error, install
+from ..errors import KernelTLSUnavailable, TransportError
+from .kernel import CHANGE_CIPHER_SPEC, HANDSHAKE, describe_os_error, install
+from .keys import TLS_1_2_VERSION, TLS_1_3_VERSION, CryptoInfo, derive_crypto_info
 
 # The TLS record header (RFC 8446 5.1 / RFC 5246 6.2).
 RECORD_HEADER_SIZE = 5

@@ -1,7 +1,7 @@
-"""Tests for tradebalancer.tlssocket: control records, and reads through recvmsg on this machine.
+"""Tests for tradebalancer.transport.kernel: control records, and recvmsg reads on this machine.
 
-``install`` is run through ``Session.hand_off``: in test_ktls.py without the tls module, in
-test_ktls_vm.py in a kernel that has it.
+``install`` is run through ``Session.hand_off``: in test_transport_session.py without the tls
+module, in test_ktls_vm.py in a kernel that has it.
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tradebalancer import tlskeys, tlssocket
 from tradebalancer.errors import TransportError
+from tradebalancer.transport import kernel as tls_kernel
+from tradebalancer.transport import keys as tls_keys
 
 
-def _control(version: int, *records: tuple[int, bytes]) -> tuple[bool, tlssocket.ControlRecords]:
-    control = tlssocket.ControlRecords(version)
+def _control(version: int, *records: tuple[int, bytes]) -> tuple[bool, tls_kernel.ControlRecords]:
+    control = tls_kernel.ControlRecords(version)
     closed = False
     for record_type, payload in records:
         closed = control.receive(record_type, payload) or closed
@@ -29,8 +30,8 @@ def _message(kind: int, body: bytes = b"") -> bytes:
     return bytes([kind]) + len(body).to_bytes(3, "big") + body
 
 
-TLS13, TLS12 = tlskeys.TLS_1_3_VERSION, tlskeys.TLS_1_2_VERSION
-HS, ALERT = tlssocket.HANDSHAKE, tlssocket.ALERT
+TLS13, TLS12 = tls_keys.TLS_1_3_VERSION, tls_keys.TLS_1_2_VERSION
+HS, ALERT = tls_kernel.HANDSHAKE, tls_kernel.ALERT
 
 
 @pytest.mark.parametrize(
@@ -83,10 +84,10 @@ def test_receive_into_reads_plain_data_and_eof() -> None:
     right.sendall(b"payload")
     right.shutdown(socket.SHUT_WR)
     buffer = memoryview(bytearray(64))
-    control = tlssocket.ControlRecords(TLS13)
-    count = tlssocket.receive_into(left, buffer, control, "pair")
+    control = tls_kernel.ControlRecords(TLS13)
+    count = tls_kernel.receive_into(left, buffer, control, "pair")
     assert bytes(buffer[:count]) == b"payload"
-    assert tlssocket.receive_into(left, buffer, control, "pair") == 0
+    assert tls_kernel.receive_into(left, buffer, control, "pair") == 0
     left.close()
     right.close()
 
@@ -102,8 +103,8 @@ def test_receive_into_translates_a_reset() -> None:
     server.close()
     client.settimeout(5)
     with pytest.raises(TransportError, match="ECONNRESET"):
-        tlssocket.receive_into(
-            client, memoryview(bytearray(64)), tlssocket.ControlRecords(TLS13), "here"
+        tls_kernel.receive_into(
+            client, memoryview(bytearray(64)), tls_kernel.ControlRecords(TLS13), "here"
         )
     client.close()
     listener.close()

@@ -1,24 +1,16 @@
-"""The transport: the one owner of the feed's socket.
+"""Opening the connection to the feed without ever blocking the event loop.
 
-Owns connecting (TCP with TCP_NODELAY), the verified TLS handshake, the kernel TLS hand-off
-and its fallback, then moving bytes: non-blocking receive straight into the caller's buffer,
-a send queue, close_notify on close. Must not touch: websockets, events, the event loop (the
-service polls ``fileno()``); how a session is handed to the kernel lives in ``ktls.py`` and
-``tlssocket.py``.
-
-Each direction runs in one of three modes:
-
-* ``none``: plain TCP (ws://); ``recv_into`` is one ``recv_into`` syscall.
-* ``kernel``: kernel TLS; ``recvmsg_into`` decrypts straight into the caller's buffer and may
-  fill it with many records in one call; ``send`` hands plaintext to the kernel.
-* ``user``: OpenSSL (``ktls.Session``) over memory BIOs; ciphertext is read into the free
-  part of the caller's buffer, copied into OpenSSL, and decrypted back into that buffer.
+Owns establishing a connection: the name lookup, the TCP connect, the verified TLS handshake,
+the kernel TLS hand-off and its fallback, each a step the loop takes when the socket is ready,
+all within one timeout; then it hands the socket over to a Transport (stream.py). Must not
+touch: websockets, events, the event loop itself (the service polls ``fileno()``); how a
+session is handed to the kernel lives in session.py and kernel.py.
 
 ``tls_mode`` "auto" tries the kernel and keeps going in user space on any failure, with the
 reason in ``fallback_reason`` (the TLS session is never restarted for that: OpenSSL simply
 keeps the session it negotiated). If the server accepts none of the ciphers kernel TLS takes,
 "auto" connects again with OpenSSL's default ciphers. If the kernel takes receive but not
-transmit, transmit stays with OpenSSL (see tlssocket.py: the directions are independent) and
+transmit, transmit stays with OpenSSL (see kernel.py: the directions are independent) and
 ``fallback_reason`` says so. "kernel" raises KernelTLSUnavailable instead of any fallback;
 "user" never tries.
 """
@@ -34,12 +26,13 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, cast
+from collections.abc import Sequence
+from typing import Any
 
-from . import ktls, tlssocket
-from .errors import KernelTLSUnavailable, TransportError
-from .tlssocket import describe_os_error
+from ..errors import KernelTLSUnavailable, TransportError
+from .kernel import describe_os_error
+from .session import KeyLog, Session, create_context
+from .stream import Transport
 
 logger = logging.getLogger(__name__)
 
@@ -52,174 +45,6 @@ _NO_SHARED_CIPHER = ("HANDSHAKE_FAILURE", "NO_SHARED_CIPHER", "INSUFFICIENT_SECU
 # For the second look at a certificate whose name did not match: short, since it blocks the
 # loop (a stop waits for it), and it only adds detail to an error the log shows anyway.
 _PROBE_TIMEOUT = 1.0
-
-
-class Transport:
-    """A connected, non-blocking byte stream to the feed: plain TCP, user TLS or kernel TLS.
-
-    ``address`` is "host:port" for messages; ``tls`` is "none", "user" or "kernel" (kernel when
-    either direction is); ``tx_mode``/``rx_mode`` say it per direction; ``fallback_reason``
-    says why tls_mode "auto" did not put both directions in the kernel (None otherwise);
-    ``tls_version`` and ``cipher`` name what was negotiated (None without TLS).
-    """
-
-    def __init__(
-        self,
-        sock: socket.socket,
-        address: str,
-        *,
-        tx_mode: str = "none",
-        rx_mode: str = "none",
-        fallback_reason: str | None = None,
-        session: ktls.Session | None = None,
-    ) -> None:
-        self.address = address
-        self.tx_mode = tx_mode
-        self.rx_mode = rx_mode
-        self.tls = (
-            "none" if session is None else ("kernel" if "kernel" in (tx_mode, rx_mode) else "user")
-        )
-        self.fallback_reason = fallback_reason
-        self.tls_version = session.object.version() if session is not None else None
-        cipher = session.object.cipher() if session is not None else None
-        self.cipher = cipher[0] if cipher else None
-        self._sock = sock
-        self._session = session
-        self._control = tlssocket.ControlRecords(session.version) if session is not None else None
-        self._outgoing = bytearray()
-        self._eof = False
-        self._closed = False
-
-    def fileno(self) -> int:
-        """The socket's file descriptor, to poll (readable: call recv_into; writable: flush)."""
-        return self._sock.fileno()
-
-    # -- receiving ---------------------------------------------------------------------------
-
-    def recv_into(self, buffer: memoryview) -> int:
-        """Put received plaintext into ``buffer``; return its length, 0 at end of stream.
-
-        Non-blocking: raises BlockingIOError when nothing is available now (poll, then call
-        again), TransportError when the connection or the TLS session broke. Call it until it
-        raises BlockingIOError: user-space TLS may hold decrypted data the socket no longer
-        signals.
-        """
-        if self._eof:
-            return 0
-        if self.rx_mode == "kernel":
-            assert self._control is not None
-            count = tlssocket.receive_into(self._sock, buffer, self._control, self.address)
-        elif self.rx_mode == "user":
-            count = self._receive_user(buffer)
-        else:
-            try:
-                count = self._sock.recv_into(buffer)
-            except BlockingIOError:
-                raise
-            except OSError as exc:
-                raise TransportError(self.address, f"receive: {describe_os_error(exc)}") from exc
-        if count == 0:
-            self._eof = True
-        return count
-
-    def _receive_user(self, buffer: memoryview) -> int:
-        session = self._session
-        assert session is not None
-        # SSLObject.read(len, buffer) returns a count (typeshed says bytes).
-        read = cast("Callable[[int, memoryview], int]", session.object.read)
-        sock = self._sock
-        filled, size = 0, len(buffer)
-        try:
-            while filled < size:
-                try:
-                    count = read(size - filled, buffer[filled:])
-                except ssl.SSLWantReadError:
-                    count = -1
-                except ssl.SSLZeroReturnError:  # close_notify (older Pythons raise)
-                    count = 0
-                if count > 0:
-                    filled += count
-                    continue
-                if count == 0:  # close_notify: CPython's read returns 0 for it
-                    self._eof = True
-                    break
-                # OpenSSL needs more ciphertext: the free part of the buffer holds it briefly
-                # (the BIO copies it), so no other buffer is needed.
-                try:
-                    got = sock.recv_into(buffer[filled:])
-                except BlockingIOError:
-                    if filled:
-                        break
-                    raise
-                if got == 0:  # FIN without close_notify: the stream ends all the same
-                    self._eof = True
-                    break
-                session.feed(buffer[filled : filled + got])
-        except BlockingIOError:
-            raise
-        except ssl.SSLError as exc:
-            raise TransportError(self.address, f"TLS error: {exc.reason or exc}") from exc
-        except OSError as exc:
-            raise TransportError(self.address, f"receive: {describe_os_error(exc)}") from exc
-        finally:
-            if session.outgoing.pending:  # e.g. OpenSSL answering a TLS 1.3 KeyUpdate
-                self._outgoing += session.data_to_send()
-        if self._outgoing:
-            self.flush()
-        return filled
-
-    # -- sending -----------------------------------------------------------------------------
-
-    def send(self, data: bytes) -> None:
-        """Queue ``data`` and write what the socket takes now; never blocks."""
-        if self._closed:
-            raise TransportError(self.address, "send on a closed connection")
-        if self.tx_mode == "user":
-            assert self._session is not None
-            try:
-                self._session.object.write(data)
-            except ssl.SSLError as exc:
-                raise TransportError(self.address, f"TLS error: {exc.reason or exc}") from exc
-            self._outgoing += self._session.data_to_send()
-        else:
-            self._outgoing += data
-        self.flush()
-
-    def wants_write(self) -> bool:
-        """True while queued bytes remain (poll the socket for writability, then flush)."""
-        return bool(self._outgoing)
-
-    def flush(self) -> None:
-        """Write as much of the queue as the socket takes now."""
-        outgoing = self._outgoing
-        while outgoing:
-            try:
-                sent = self._sock.send(outgoing)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                raise TransportError(self.address, f"send: {describe_os_error(exc)}") from exc
-            del outgoing[:sent]
-
-    # -- closing -----------------------------------------------------------------------------
-
-    def close(self) -> None:
-        """Send close_notify if TLS (best effort, never blocks), then close. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        with contextlib.suppress(TransportError):
-            self.flush()
-        # A close_notify behind bytes still queued would arrive out of order: skip it then.
-        if not self._outgoing:
-            with contextlib.suppress(OSError):
-                if self.tx_mode == "kernel":
-                    tlssocket.send_close_notify(self._sock)
-                elif self.tx_mode == "user" and self._session is not None:
-                    with contextlib.suppress(ssl.SSLError):  # WantRead: the reply is not awaited
-                        self._session.object.unwrap()
-                    self._sock.send(self._session.data_to_send())
-        self._sock.close()
 
 
 class Connector:
@@ -266,8 +91,8 @@ class Connector:
         self._current: _Address = (0, ())  # the address being tried
         self._errors: list[OSError] = []
         self._sock: socket.socket | None = None
-        self._session: ktls.Session | None = None
-        self._key_log: ktls.KeyLog | None = None
+        self._session: Session | None = None
+        self._key_log: KeyLog | None = None
         self._context: ssl.SSLContext | None = None
         self._mode = tls_mode  # "user" after the no-shared-cipher fallback of "auto"
         self.fallback_reason: str | None = None
@@ -381,7 +206,7 @@ class Connector:
         assert self._sock is not None
         kernel = self._mode != "user"
         try:
-            self._context = ktls.create_context(kernel=kernel, ca_file=self.ca_file)
+            self._context = create_context(kernel=kernel, ca_file=self.ca_file)
         except OSError as exc:
             raise TransportError(
                 self.address, f"cannot load the CA file {self.ca_file}: {exc}"
@@ -389,15 +214,13 @@ class Connector:
         self._key_log = None
         if kernel:
             try:
-                self._key_log = ktls.KeyLog(self._context)
+                self._key_log = KeyLog(self._context)
             except OSError as exc:
                 reason = f"OpenSSL's key log cannot be kept in memory: {exc}"
                 if self._mode == "kernel":
                     raise KernelTLSUnavailable(self.address, reason) from exc
                 self.fallback_reason = reason
-        self._session = ktls.Session(
-            self._context, self.hostname, self.address, key_log=self._key_log
-        )
+        self._session = Session(self._context, self.hostname, self.address, key_log=self._key_log)
         self.phase = "handshaking"
 
     def _handshake(self) -> Transport | None:
@@ -609,7 +432,7 @@ def _certificate_names(
     host: str, port: int, hostname: str, ca_file: str | None, deadline: float
 ) -> list[str]:
     """The names in the server's certificate, read in a second, verified-chain handshake."""
-    context = ktls.create_context(kernel=False, ca_file=ca_file)
+    context = create_context(kernel=False, ca_file=ca_file)
     context.check_hostname = False  # the chain is still verified
     timeout = min(max(deadline - time.monotonic(), 0.1), _PROBE_TIMEOUT)
     try:

@@ -3,7 +3,7 @@
 Owns the cipher suites the kernel takes (``SUITES``), the ``struct tls12_crypto_info_*`` it is
 given (``CryptoInfo``) and the derivation of both directions' key, IV, salt and sequence number
 from a session's secrets. Pure computation: must not touch sockets, OpenSSL, the key log or the
-clock (``ktls.py`` gathers the secrets and the sequence numbers, ``tlssocket.py`` hands the
+clock (``session.py`` gathers the secrets and the sequence numbers, ``kernel.py`` hands the
 result to the kernel). Only the standard library is used at run time.
 
 Design, after include/uapi/linux/tls.h:

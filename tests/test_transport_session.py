@@ -1,4 +1,4 @@
-"""Tests for tradebalancer.ktls: the key material is checked against a real TLS server.
+"""Tests for tradebalancer.transport.session: key material checked against a real TLS server.
 
 This machine has no kernel TLS, so the tests play the kernel: they take the CryptoInfo a
 hand-off would install, decrypt the server's next records with `cryptography` and encrypt a
@@ -24,16 +24,18 @@ from hypothesis import strategies as st
 from tlsca import make_ca
 from tlspeer import start_peer
 
-from tradebalancer import ktls, tlskeys, tlssocket
 from tradebalancer.errors import KernelTLSUnavailable, TransportError
+from tradebalancer.transport import kernel as tls_kernel
+from tradebalancer.transport import keys as tls_keys
+from tradebalancer.transport import session as tls_session
 
 PAIRS = [
-    ("1.2", "ECDHE-ECDSA-AES128-GCM-SHA256", tlskeys.TLS_CIPHER_AES_GCM_128),
-    ("1.2", "ECDHE-ECDSA-AES256-GCM-SHA384", tlskeys.TLS_CIPHER_AES_GCM_256),
-    ("1.2", "ECDHE-ECDSA-CHACHA20-POLY1305", tlskeys.TLS_CIPHER_CHACHA20_POLY1305),
-    ("1.3", "TLS_AES_128_GCM_SHA256", tlskeys.TLS_CIPHER_AES_GCM_128),
-    ("1.3", "TLS_AES_256_GCM_SHA384", tlskeys.TLS_CIPHER_AES_GCM_256),
-    ("1.3", "TLS_CHACHA20_POLY1305_SHA256", tlskeys.TLS_CIPHER_CHACHA20_POLY1305),
+    ("1.2", "ECDHE-ECDSA-AES128-GCM-SHA256", tls_keys.TLS_CIPHER_AES_GCM_128),
+    ("1.2", "ECDHE-ECDSA-AES256-GCM-SHA384", tls_keys.TLS_CIPHER_AES_GCM_256),
+    ("1.2", "ECDHE-ECDSA-CHACHA20-POLY1305", tls_keys.TLS_CIPHER_CHACHA20_POLY1305),
+    ("1.3", "TLS_AES_128_GCM_SHA256", tls_keys.TLS_CIPHER_AES_GCM_128),
+    ("1.3", "TLS_AES_256_GCM_SHA384", tls_keys.TLS_CIPHER_AES_GCM_256),
+    ("1.3", "TLS_CHACHA20_POLY1305_SHA256", tls_keys.TLS_CIPHER_CHACHA20_POLY1305),
 ]
 SERVER_TEXT = "records the kernel would decrypt"
 CLIENT_TEXT = "a record the kernel would encrypt"
@@ -45,13 +47,13 @@ CLIENT_TEXT = "a record the kernel would encrypt"
 class KernelRecords:
     """One direction of a record layer keyed exactly as the kernel would be by ``info``."""
 
-    def __init__(self, info: tlskeys.CryptoInfo) -> None:
+    def __init__(self, info: tls_keys.CryptoInfo) -> None:
         self.info = info
         self.seq = info.rec_seq
         self.explicit = int.from_bytes(info.iv, "big")  # TLS 1.2 AES-GCM transmit counter
-        gcm = info.cipher_type != tlskeys.TLS_CIPHER_CHACHA20_POLY1305
+        gcm = info.cipher_type != tls_keys.TLS_CIPHER_CHACHA20_POLY1305
         self.aead = AESGCM(info.key) if gcm else ChaCha20Poly1305(info.key)
-        self.explicit_nonce = gcm and info.version == tlskeys.TLS_1_2_VERSION
+        self.explicit_nonce = gcm and info.version == tls_keys.TLS_1_2_VERSION
 
     def _xor_nonce(self, seq: int) -> bytes:
         base = int.from_bytes(self.info.salt + self.info.iv, "big")
@@ -59,7 +61,7 @@ class KernelRecords:
 
     def open(self, header: bytes, body: bytes, seq: int) -> tuple[int, bytes]:
         """Decrypt one record read from the server: (content type, plaintext)."""
-        if self.info.version == tlskeys.TLS_1_3_VERSION:
+        if self.info.version == tls_keys.TLS_1_3_VERSION:
             inner = self.aead.decrypt(self._xor_nonce(seq), body, header).rstrip(b"\0")
             return inner[-1], inner[:-1]
         if self.explicit_nonce:
@@ -73,9 +75,9 @@ class KernelRecords:
         """Encrypt one record to the server, as the next record the kernel would send."""
         seq = self.seq
         self.seq += 1
-        if self.info.version == tlskeys.TLS_1_3_VERSION:
+        if self.info.version == tls_keys.TLS_1_3_VERSION:
             length = len(plaintext) + 1 + 16
-            header = bytes([tlssocket.APPLICATION_DATA, 3, 3]) + length.to_bytes(2, "big")
+            header = bytes([tls_kernel.APPLICATION_DATA, 3, 3]) + length.to_bytes(2, "big")
             inner = plaintext + bytes([content_type])
             return header + self.aead.encrypt(self._xor_nonce(seq), inner, header)
         aad = seq.to_bytes(8, "big") + bytes([content_type, 3, 3])
@@ -107,12 +109,14 @@ def _exactly(sock: socket.socket, size: int) -> bytes:
     return data
 
 
-def handshake(ca: Path, port: int, *, kernel: bool = True) -> tuple[socket.socket, ktls.Session]:
-    """Connect and complete the handshake the way transport.py does."""
-    context = ktls.create_context(kernel=kernel, ca_file=str(ca))
-    key_log = ktls.KeyLog(context)
+def handshake(
+    ca: Path, port: int, *, kernel: bool = True
+) -> tuple[socket.socket, tls_session.Session]:
+    """Connect and complete the handshake the way the connector does."""
+    context = tls_session.create_context(kernel=kernel, ca_file=str(ca))
+    key_log = tls_session.KeyLog(context)
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    session = ktls.Session(context, "localhost", f"127.0.0.1:{port}", key_log=key_log)
+    session = tls_session.Session(context, "localhost", f"127.0.0.1:{port}", key_log=key_log)
     session.handshake(sock, time.monotonic() + 5)
     return sock, session
 
@@ -134,10 +138,10 @@ def receive_application_data(
         raw.append((header, body))
         content_type, plaintext = records.open(header, body, records.seq)
         records.seq += 1
-        if content_type == tlssocket.HANDSHAKE and plaintext[:1] == b"\x04":
+        if content_type == tls_kernel.HANDSHAKE and plaintext[:1] == b"\x04":
             tickets += 1  # TLS 1.3 NewSessionTicket, which the kernel hands up as type 22
         else:
-            assert content_type == tlssocket.APPLICATION_DATA
+            assert content_type == tls_kernel.APPLICATION_DATA
             data += plaintext
     return data, tickets, raw
 
@@ -171,7 +175,7 @@ def test_hand_off_right_after_the_handshake(
         with pytest.raises(InvalidTag):
             KernelRecords(rx).open(header, body, rx.rec_seq + 1)
 
-        sock.sendall(KernelRecords(tx).seal(tlssocket.APPLICATION_DATA, CLIENT_TEXT.encode()))
+        sock.sendall(KernelRecords(tx).seal(tls_kernel.APPLICATION_DATA, CLIENT_TEXT.encode()))
         assert peer.wait_for("received")["data"] == CLIENT_TEXT
         sock.close()
 
@@ -204,13 +208,13 @@ def test_hand_off_after_application_data_in_user_space(
         tickets = 2 if version == "1.3" else 0
         assert rx.rec_seq == before_rx + tickets + 1
         assert tx.cipher_type == cipher_type
-        if version == "1.2" and cipher_type != tlskeys.TLS_CIPHER_CHACHA20_POLY1305:
+        if version == "1.2" and cipher_type != tls_keys.TLS_CIPHER_CHACHA20_POLY1305:
             # The kernel's first explicit nonce follows the one OpenSSL last used (RFC 5288 3).
             assert int.from_bytes(tx.iv, "big") == int.from_bytes(hello_record[5:13], "big") + 1
 
         data, _, _ = receive_application_data(sock, KernelRecords(rx), len(SERVER_TEXT))
         assert data.decode() == SERVER_TEXT
-        sock.sendall(KernelRecords(tx).seal(tlssocket.APPLICATION_DATA, CLIENT_TEXT.encode()))
+        sock.sendall(KernelRecords(tx).seal(tls_kernel.APPLICATION_DATA, CLIENT_TEXT.encode()))
         assert peer.wait_for("received")["data"] == CLIENT_TEXT
         sock.close()
 
@@ -245,13 +249,13 @@ def test_key_log_lives_in_memory_and_is_freed(tmp_path: Path) -> None:
 
     with start_peer(tmp_path, [["wait_eof"]], cert=cert, key=key) as peer:
         assert memory_files() == []  # no test before this one leaked a key log
-        context = ktls.create_context(kernel=True, ca_file=str(ca))
-        key_log = ktls.KeyLog(context)
+        context = tls_session.create_context(kernel=True, ca_file=str(ca))
+        key_log = tls_session.KeyLog(context)
         # The memory file, and OpenSSL's own descriptor of it (opened through /proc/self/fd).
         assert memory_files() == ["/memfd:tradebalancer-tls-keys (deleted)"] * 2
         assert context.keylog_filename.startswith("/proc/self/fd/")
         sock = socket.create_connection(("127.0.0.1", peer.port), timeout=5)
-        session = ktls.Session(context, "localhost", "test", key_log=key_log)
+        session = tls_session.Session(context, "localhost", "test", key_log=key_log)
         session.handshake(sock, time.monotonic() + 5)
         assert memory_files() == []
         assert context.keylog_filename is None
@@ -261,10 +265,10 @@ def test_key_log_lives_in_memory_and_is_freed(tmp_path: Path) -> None:
 
 def test_user_mode_context_keeps_openssl_default_ciphers() -> None:
     """Only a kernel context restricts TLS 1.2 to the AEAD suites the kernel takes."""
-    kernel = {c["name"] for c in ktls.create_context(kernel=True).get_ciphers()}
-    user = {c["name"] for c in ktls.create_context(kernel=False).get_ciphers()}
+    kernel = {c["name"] for c in tls_session.create_context(kernel=True).get_ciphers()}
+    user = {c["name"] for c in tls_session.create_context(kernel=False).get_ciphers()}
     tls12 = {name for name in kernel if not name.startswith("TLS_")}
-    assert tls12 and all(("TLSv1.2", name) in tlskeys.SUITES for name in tls12)
+    assert tls12 and all(("TLSv1.2", name) in tls_keys.SUITES for name in tls12)
     assert user > kernel
 
 
@@ -274,7 +278,7 @@ def test_handshake_errors_are_transport_errors(tmp_path: Path) -> None:
     sock = socket.create_connection(listener.getsockname(), timeout=5)
     conn, _ = listener.accept()
     conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
-    session = ktls.Session(ktls.create_context(kernel=True), "localhost", "here")
+    session = tls_session.Session(tls_session.create_context(kernel=True), "localhost", "here")
     with pytest.raises(TransportError, match="does not speak TLS"):
         session.handshake(sock, time.monotonic() + 5)
     for s in (sock, conn, listener):
@@ -289,7 +293,7 @@ def test_record_counter_follows_any_split(bodies: list[bytes], data: st.DataObje
     """RecordCounter counts records and keeps the last body prefix however the stream is cut."""
     stream = b"".join(bytes([23, 3, 3]) + len(b).to_bytes(2, "big") + b for b in bodies)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
-    counter = ktls.RecordCounter()
+    counter = tls_session.RecordCounter()
     start = 0
     for cut in [*cuts, len(stream)]:
         counter.scan(stream[start:cut])
@@ -306,7 +310,7 @@ def _ulp_available() -> bool:
     listener = socket.create_server(("127.0.0.1", 0))
     with listener, socket.create_connection(listener.getsockname()) as sock:
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, tlssocket.TCP_ULP, b"tls")
+            sock.setsockopt(socket.IPPROTO_TCP, tls_kernel.TCP_ULP, b"tls")
         except OSError as exc:
             return exc.errno != errno.ENOENT
     return True

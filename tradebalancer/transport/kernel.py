@@ -3,8 +3,8 @@
 Owns the socket options of include/uapi/linux/tls.h, the ``setsockopt`` hand-off of a
 ``CryptoInfo`` pair (``install``) with its failures described for a log and, after it, the
 kernel's record interface (``recvmsg`` control messages, alerts, close_notify). Must not touch:
-OpenSSL and its secrets (``ktls.py``), the key schedule (``tlskeys.py``), connecting, socket
-lifetime, the event loop (``transport.py`` owns the socket and calls this).
+OpenSSL and its secrets (``session.py``), the key schedule (``keys.py``), connecting, socket
+lifetime, the event loop (``connector.py`` and ``stream.py`` own the socket and call this).
 Only the standard library is used at run time.
 
 Design, after Documentation/networking/tls.rst and include/uapi/linux/tls.h:
@@ -27,8 +27,8 @@ import errno
 import os
 import socket
 
-from .errors import KernelTLSUnavailable, TransportError
-from .tlskeys import (
+from ..errors import KernelTLSUnavailable, TransportError
+from .keys import (
     TLS_1_2_VERSION,
     TLS_1_3_VERSION,
     TLS_CIPHER_AES_GCM_128,
