@@ -20,9 +20,9 @@ import termios
 import time
 from dataclasses import dataclass
 
-from tradebalancer import synth
 from tradebalancer.pipes import pipe_max_size
 from tradebalancer.reader import Reader
+from tradebalancer.replay import synth
 
 from .source import Pool
 

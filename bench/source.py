@@ -12,14 +12,14 @@ exact bytes of every event, once, in order, on the right pipe. The reference cos
 per event (the tokenizer loops in Python), so it runs once over the pool, for every pipe count
 at once.
 
-The stream of a run is the pool sent over and over (``replay_frames.Stream`` with ``loop``) and
+The stream of a run is the pool sent over and over (``replay.stream.Stream`` with ``loop``) and
 cut at a frame boundary: ``trades`` is rounded up to the next boundary, so that the expected CRC
 of a pipe is its share of the pool chained ``passes`` times, then its share of the frames of the
 partial pass. Trades, not their order within a pass, repeat: for the balancer a symbol seen
 before is no cheaper than the first time it was cached, and a pool of a million trades holds
 every one of the 4,000 symbols many times over.
 
-Does no networking; builds the ``replay_frames.Stream`` the driver hands to the replay feed.
+Does no networking; builds the ``replay.stream.Stream`` the driver hands to the replay feed.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import orjson
 
-from tradebalancer import synth
-from tradebalancer.replay_frames import Stream
+from tradebalancer.replay import synth
+from tradebalancer.replay.stream import Stream
 from tradebalancer.routing import pipe_for
 
 

@@ -35,7 +35,7 @@ from websockets.server import ServerProtocol
 
 from tradebalancer.feed import Feed
 from tradebalancer.pipes import pipe_max_size
-from tradebalancer.replay_frames import AUTH_SUCCESS, CONNECTED, frame_header, status
+from tradebalancer.replay.stream import AUTH_SUCCESS, CONNECTED, frame_header, status
 from tradebalancer.split import Splitter
 
 from .source import Pool

@@ -14,9 +14,8 @@ import orjson
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from tradebalancer import synth
-from tradebalancer.replay import ReplayOptions, ReplayServer
-from tradebalancer.replay_frames import AUTH_SUCCESS, CONNECTED
+from tradebalancer.replay import ReplayOptions, ReplayServer, synth
+from tradebalancer.replay.stream import AUTH_SUCCESS, CONNECTED
 
 
 def subscribed(param: str) -> bytes:

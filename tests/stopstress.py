@@ -36,7 +36,7 @@ from pathlib import Path
 
 from hostile import HostileFeed, Script
 
-from tradebalancer import synth
+from tradebalancer.replay import synth
 
 # Where to aim, and how: (the server step or log line to wait for, the random delay after it).
 SCENARIOS: dict[str, dict[str, object]] = {

@@ -32,8 +32,8 @@ from tlsca import make_ca
 from vm import VMResult, ensure_image, run_in_vm, vm_available
 
 import tradebalancer
-from tradebalancer import synth
 from tradebalancer.errors import ExitCode
+from tradebalancer.replay import synth
 
 REPO = Path(__file__).resolve().parent.parent
 SCENARIO = Path(__file__).resolve().parent / "vm" / "scenarios" / "systemd-e2e.sh"

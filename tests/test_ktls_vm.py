@@ -33,7 +33,7 @@ from test_packaging import build_package
 from tlsca import make_ca
 from vm import VMResult, run_in_vm, vm_available
 
-from tradebalancer import synth
+from tradebalancer.replay import synth
 from tradebalancer.routing import pipe_for
 from tradebalancer.transport import keys as tls_keys
 

@@ -390,6 +390,9 @@ def test_the_package_holds_every_file(built: Built) -> None:
     assert not [path for path in paths if "__pycache__" in path or path.endswith(".pyc")]
     package = f"{VENV}/lib/python3.11/site-packages/tradebalancer/"
     assert [path for path in paths if path.startswith(package + "_fastsplit.")], "no C router"
+    assert [path for path in paths if path.startswith(package + "reader/_fastread.")], "no C reader"
+    for module in ("reader/format.py", "transport/connector.py", "replay/server.py"):
+        assert package + module in paths, f"the subpackages are not all packaged: {module}"
 
 
 @pytest.mark.timeout(BUILD_TIMEOUT)

@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK
 from websockets.sync.client import connect
 
 from tradebalancer.replay import ReplayServer
-from tradebalancer.replay_frames import AUTH_FAILED, AUTH_SUCCESS, CONNECTED
+from tradebalancer.replay.stream import AUTH_FAILED, AUTH_SUCCESS, CONNECTED
 
 
 class RawClient:

@@ -20,8 +20,7 @@ import orjson
 import pytest
 from tlsca import make_ca, make_wrong_host_cert
 
-from tradebalancer import synth
-from tradebalancer.replay import ReplayOptions, ReplayServer
+from tradebalancer.replay import ReplayOptions, ReplayServer, synth
 from tradebalancer.routing import pipe_for
 
 REPO = Path(__file__).resolve().parent.parent

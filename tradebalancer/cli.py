@@ -18,8 +18,9 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import __version__, command, config, credentials, replay, signals
+from . import __version__, command, config, credentials, signals
 from .errors import ConfigError, ExitCode, TradeBalancerError
+from .replay import cli as replay_cli
 from .routing import balance_warning
 from .systemd import Notifier, configure_logging
 
@@ -91,9 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay_parser = commands.add_parser(
         "replay",
         help="serve a local replay feed (recorded or synthetic) for demos and tests",
-        description=replay.__doc__.split("\n\n")[0] if replay.__doc__ else None,
+        description="Serve a local stand-in for the feed, recorded or synthetic: demos, tests.",
     )
-    replay.build_parser(replay_parser)
+    replay_cli.build_parser(replay_parser)
     return parser
 
 
@@ -109,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check_config(args.config, args.names, require_key=args.require_key)
         if args.command == "run":
             return run(args.config, args.name)
-        return int(replay.run(args))
+        return int(replay_cli.run(args))
     except TradeBalancerError as exc:
         sys.stderr.write(f"tradebalancer: {exc}\n")
         return int(exc.exit_code)

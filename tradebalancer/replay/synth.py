@@ -1,6 +1,6 @@
 """Synthetic trades and recording files: the frames the replay feed serves.
 
-Owns two things the replay feed reads from (``replay_frames.py``): a deterministic generator of
+Owns two things the replay feed reads from (``stream.py``): a deterministic generator of
 realistic stock trades, and the recording file format. It does no networking.
 
 Synthetic trades look like the Massive (Polygon.io) stocks trade events, with the fields in the
@@ -40,7 +40,7 @@ from pathlib import Path
 
 import orjson
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 DEFAULT_SEED = 1
 DEFAULT_SYMBOLS = 4000

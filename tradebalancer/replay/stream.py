@@ -12,6 +12,8 @@ Design notes:
 * One stream feeds every connection: the events a connection was sent are not sent again to
   the next one.
 * ``events`` ends the stream after exactly that many (the last frame is shortened if needed).
+* ``disconnect_after``: the stream says (``take_cut``) when to cut a connection, once, so the
+  cut is the stream's state, whichever connection is sending then.
   A synthetic stream without ``events`` loops over a pool of ``pool_events`` pre-generated
   trades.
 
@@ -23,15 +25,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
 import orjson
 
+from ..errors import ConfigError, ExitCode
 from . import synth
-from .errors import ConfigError, ExitCode
-
-if TYPE_CHECKING:
-    from .replay import ReplayOptions
+from .options import ReplayOptions
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +57,29 @@ def status(kind: str, message: str) -> bytes:
 class Stream:
     """The frames every connection takes from, in order: a cursor over a list, maybe looped."""
 
-    def __init__(self, frames: list[bytes], counts: list[int], *, loop: bool, limit: int | None):
+    def __init__(
+        self,
+        frames: list[bytes],
+        counts: list[int],
+        *,
+        loop: bool,
+        limit: int | None,
+        cut_after: int | None = None,
+    ) -> None:
         self.frames = frames
         self.counts = counts
         self.loop = loop and bool(frames)
         self.limit = limit
         self.position = 0
         self.sent = 0
+        self._cut_after = cut_after  # cut one connection once past this many events sent
+
+    def take_cut(self, count: int) -> bool:
+        """True, once, when sending the next frame (``count`` events) would pass the cut."""
+        if self._cut_after is None or self.sent + count <= self._cut_after:
+            return False
+        self._cut_after = None
+        return True
 
     @property
     def exhausted(self) -> bool:
@@ -116,7 +131,9 @@ def load_stream(options: ReplayOptions) -> Stream:
         what,
         time.monotonic() - started,
     )
-    return Stream(frames, counts, loop=loop, limit=options.events)
+    return Stream(
+        frames, counts, loop=loop, limit=options.events, cut_after=options.disconnect_after
+    )
 
 
 def record(options: ReplayOptions, path: str) -> int:

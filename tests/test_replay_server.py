@@ -15,7 +15,7 @@ from websockets.sync.client import connect
 
 from tradebalancer.errors import ConfigError
 from tradebalancer.replay import ReplayServer
-from tradebalancer.replay_frames import AUTH_SUCCESS
+from tradebalancer.replay.stream import AUTH_SUCCESS
 
 
 @pytest.fixture(scope="module")

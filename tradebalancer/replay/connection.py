@@ -24,8 +24,9 @@ Design notes:
   worker's ``time.monotonic_ns() - lt`` is the time from the replay's send to the worker. It
   is meaningful only with ``rate``: unpaced, frames wait in socket buffers.
 
-It touches only the one socket the server (``replay.py``) accepted for it, and takes its data
-frames from the server's shared stream (``replay_frames.py``); it never listens or accepts.
+It touches only the one socket the server (``server.py``) accepted for it, and takes its data
+frames from the stream all connections share (``stream.py``); it never listens or accepts, and
+knows the server only as the ``on_close`` callback it calls when it is done.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import orjson
 from websockets.frames import Frame, Opcode
@@ -45,10 +46,8 @@ from websockets.http11 import Request
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from .replay_frames import AUTH_FAILED, AUTH_SUCCESS, CONNECTED, frame_header, status
-
-if TYPE_CHECKING:
-    from .replay import ReplayServer
+from .options import ReplayOptions, ReplayStats
+from .stream import AUTH_FAILED, AUTH_SUCCESS, CONNECTED, Stream, frame_header, status
 
 logger = logging.getLogger(__name__)
 _protocol_logger = logging.getLogger(f"{__name__}.websocket")  # websockets logs here
@@ -75,8 +74,23 @@ class Phase(enum.Enum):
 class Connection:
     """One client: its socket, its websocket protocol state and its queue of bytes to send."""
 
-    def __init__(self, server: ReplayServer, sock: socket.socket, peer: str, now: float):
-        self.server = server
+    def __init__(
+        self,
+        sock: socket.socket,
+        peer: str,
+        now: float,
+        *,
+        options: ReplayOptions,
+        stream: Stream,
+        stats: ReplayStats,
+        on_close: Callable[[Connection], None],
+        sent_frames: list[bytes] | None = None,
+    ) -> None:
+        self.options = options
+        self.stream = stream
+        self.stats = stats
+        self._on_close = on_close
+        self._sent_frames = sent_frames  # every frame sent, for tests (options.keep_sent)
         self.sock = sock
         self.peer = peer
         self.tls = isinstance(sock, ssl.SSLSocket)
@@ -86,7 +100,6 @@ class Connection:
         self.shut_down_pending = False  # half-close once the outbox is empty
         self.abrupt = False  # ... and without TLS close_notify: the cut
         self.deadline: float | None = now + 10.0  # handshakes must finish in time
-        options = server.options
         self.ping_interval = options.ping_interval or None
         self.ping_timeout = options.ping_timeout or self.ping_interval
         self.next_ping = float("inf")
@@ -143,7 +156,7 @@ class Connection:
                 self.ping_sent_at = now
                 self.next_ping = now + self.ping_interval
                 self.protocol.send_ping(self.ping_payload)
-                self.server.stats.pings_sent += 1
+                self.stats.pings_sent += 1
         self._pull()
         self.flush(now)
 
@@ -154,7 +167,7 @@ class Connection:
             if self.ping_payload is not None:
                 when = min(when, self.ping_sent_at + (self.ping_timeout or 0))
             when = min(when, self.next_ping)
-        rate = self.server.options.rate
+        rate = self.options.rate
         if self.phase is Phase.STREAMING and rate and not self.outbox:
             # One event past the deadline, so the pace has something to send when it wakes.
             when = min(when, self.started_at + (self.events + 1) / rate)
@@ -166,7 +179,7 @@ class Connection:
             return False
         if self.outbox:
             return True
-        return self._may_stream() and self.server.options.rate is None
+        return self._may_stream() and self.options.rate is None
 
     def flush(self, now: float) -> None:
         """Write queued bytes, refilling from the stream, until the socket takes no more."""
@@ -236,7 +249,7 @@ class Connection:
         if frame.opcode is Opcode.PONG:
             if frame.data == self.ping_payload:
                 self.ping_payload = None
-                self.server.stats.pongs_received += 1
+                self.stats.pongs_received += 1
         elif frame.opcode is Opcode.TEXT and frame.fin and self.protocol.state is State.OPEN:
             self._receive_message(bytes(frame.data), now)
         # Pings are answered by ServerProtocol (RFC 6455 5.5.2); clients send no fragments.
@@ -255,14 +268,12 @@ class Connection:
         if action == "auth":
             if self.phase is not Phase.AUTH:
                 self.protocol.send_text(status("error", "already authenticated"))
-            elif params and (
-                not self.server.options.accept_keys or params in self.server.options.accept_keys
-            ):
+            elif params and (not self.options.accept_keys or params in self.options.accept_keys):
                 self.phase = Phase.READY
                 self.deadline = None
                 self.protocol.send_text(AUTH_SUCCESS)
             else:
-                self.server.stats.auth_failures += 1
+                self.stats.auth_failures += 1
                 logger.info("%s: API key refused", self.peer)
                 self.protocol.send_text(AUTH_FAILED)
                 self.protocol.send_close(1008, "authentication failed")
@@ -292,9 +303,9 @@ class Connection:
 
     def _fill(self, now: float) -> bool:
         """Queue the frames due now; False if there are none (paced, or the stream ended)."""
-        server = self.server
-        options = server.options
-        stream = server.stream
+        options = self.options
+        stream = self.stream
+        stats = self.stats
         if stream.exhausted:
             logger.info("%s: end of the stream after %d events", self.peer, stream.sent)
             self.protocol.send_close(1000, "end of replay")
@@ -309,13 +320,12 @@ class Connection:
         pieces: list[bytes] = []
         size = 0
         opcode = 0x2 if options.binary else 0x1
-        keep = server.sent_frames if options.keep_sent else None
+        keep = self._sent_frames
         while size < BATCH_BYTES and due > 0 and not stream.exhausted:
             frame, count = stream.peek()
-            if server.cut_pending and stream.sent + count > (options.disconnect_after or 0):
+            if stream.take_cut(count):
                 # The cut: half a frame, then FIN. The frame stays next in the stream.
-                server.cut_pending = False
-                server.stats.forced_disconnects += 1
+                stats.forced_disconnects += 1
                 pieces += (frame_header(len(frame), opcode), frame[: len(frame) // 2])
                 self.shut_down_pending = self.abrupt = True
                 logger.info("%s: cutting the connection mid-frame as asked", self.peer)
@@ -340,12 +350,12 @@ class Connection:
             self.events += count
             due -= count
             size += len(frame)
-            server.stats.events_sent += count
-            server.stats.frames_sent += 1
+            stats.events_sent += count
+            stats.frames_sent += 1
         if not pieces:
             return False
         data = b"".join(pieces)
-        server.stats.bytes_sent += len(data)
+        stats.bytes_sent += len(data)
         self.outbox.append(memoryview(data))
         return True
 
@@ -368,7 +378,7 @@ class Connection:
         self.phase = Phase.DRAINING
         self.deadline = now + CLOSE_TIMEOUT
         if self.protocol.close_rcvd is not None and self.protocol.close_sent is not None:
-            self.server.stats.clean_closes += 1
+            self.stats.clean_closes += 1
         if self.tls and not self.abrupt:
             # close_notify (RFC 8446 6.1); unwrap then waits for the client's, which a
             # non-blocking socket reports as SSLWantReadError: the alert is on its way.
@@ -388,4 +398,4 @@ class Connection:
         if reason:
             logger.info("%s: connection dropped: %s", self.peer, reason)
         self.phase = Phase.CLOSED
-        self.server.release(self)
+        self._on_close(self)

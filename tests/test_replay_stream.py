@@ -8,8 +8,8 @@ import orjson
 from replayclient import events_in, expected_events, open_client, options, receive_all
 from websockets.exceptions import ConnectionClosedOK
 
-from tradebalancer import synth
-from tradebalancer.replay import ReplayServer, main
+from tradebalancer.replay import ReplayServer, synth
+from tradebalancer.replay.cli import main
 
 TRADE_KEYS = ["ev", "sym", "i", "x", "p", "s", "c", "t", "q", "z", "trfi", "trft", "lt"]
 

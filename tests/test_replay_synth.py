@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tradebalancer import synth
 from tradebalancer.errors import ConfigError
+from tradebalancer.replay import synth
 
 TRADE_KEYS = ["ev", "sym", "i", "x", "p", "s", "c", "t", "q", "z"]
 SYMBOL = re.compile(r"[A-Z]{1,5}(\.[A-Z])?")
