@@ -35,8 +35,7 @@ import zlib
 import orjson
 
 from tradebalancer.reader import Reader, fds_from_argv
-from tradebalancer.routing import pipe_for
-from tradebalancer.split import DEFAULT_ROUTE_KEYS
+from tradebalancer.routing import DEFAULT_ROUTE_KEYS, pipe_for
 
 _LATENCY = re.compile(rb'"lt":(\d+)')
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from tradebalancer import config, credentials
-from tradebalancer.command import argv_for, pipes_for_worker, working_directory
-from tradebalancer.config import DEFAULT_ROUTE_KEYS, FeedConfig
+from tradebalancer.config import FeedConfig, check_variables, expand_variables, unset_variables
 from tradebalancer.errors import ConfigError, ExitCode
+from tradebalancer.plan import argv_for, pipes_for_worker, working_directory
+from tradebalancer.routing import DEFAULT_ROUTE_KEYS
 
 SHIPPED = Path(__file__).resolve().parent.parent / "etc" / "tradebalancer.toml"
 FEED = '[feeds.feed]\ncommand = ["worker"]\n'
@@ -489,3 +490,19 @@ def test_every_commented_out_key_of_the_shipped_file_shows_its_default() -> None
         "path",
         "secure",
     }
+
+
+@pytest.mark.parametrize("text", ["${", "a${1X}", "${A-B}", "/x/${HOME"])
+def test_a_malformed_reference_is_refused(text: str) -> None:
+    """Only ${NAME} with NAME of letters, digits and _ (not leading) is a reference."""
+    with pytest.raises(ConfigError, match="must write variables as") as caught:
+        check_variables(text, "feeds.feed.working_directory")
+    assert caught.value.key_path == "feeds.feed.working_directory"
+
+
+def test_expansion_replaces_every_reference_and_leaves_other_dollars() -> None:
+    """Each ${NAME} is replaced; a $ not followed by { stays as written; unset names are listed."""
+    environ = {"A": "1", "B": "two", "EMPTY": ""}
+    check_variables("$A/${A}/${B}$", "key")
+    assert expand_variables("$A/${A}/${B}$", environ, "key") == "$A/1/two$"
+    assert unset_variables("${A}${EMPTY}${C}", environ) == ["EMPTY", "C"]

@@ -26,8 +26,8 @@ from test_split import (
 from tradebalancer import split
 from tradebalancer._fastsplit import Router
 from tradebalancer.reader.format import LIMIT
-from tradebalancer.routing import pipe_for
-from tradebalancer.split import DEFAULT_ROUTE_KEYS, Splitter
+from tradebalancer.routing import DEFAULT_ROUTE_KEYS, pipe_for
+from tradebalancer.split import Splitter
 
 
 def router(pipes: int = 7, **route_keys: str) -> Router:

@@ -11,10 +11,10 @@ from tradebalancer.pipes import (
     Pipe,
     close_pipes,
     flush_pipes,
-    format_size,
     open_pipes,
     pipe_max_size,
 )
+from tradebalancer.units import format_size
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ from tradebalancer.errors import TradeBalancerError
 from tradebalancer.reader import framing
 from tradebalancer.reader.format import LIMIT
 from tradebalancer.reader.framing import MessageParser
-from tradebalancer.routing import pipe_for
-from tradebalancer.split import DEFAULT_ROUTE_KEYS, EXCERPT_BYTES, FrameError, Splitter
+from tradebalancer.routing import DEFAULT_ROUTE_KEYS, pipe_for
+from tradebalancer.split import EXCERPT_BYTES, FrameError, Splitter
 
 PIPES = 1009  # many pipes, so that routing by a wrong key shows as a wrong pipe
 

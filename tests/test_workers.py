@@ -15,10 +15,10 @@ import pytest
 
 from tradebalancer.errors import WorkerError
 from tradebalancer.pipes import close_pipes, open_pipes
+from tradebalancer.plan import clean_environment
 from tradebalancer.workers import (
     Worker,
     WorkerPool,
-    clean_environment,
     describe_status,
     spawn,
 )
@@ -97,7 +97,7 @@ def test_the_pool_starts_workers_under_the_scheduling_policy_asked_for(
     report = tmp_path / "policy"
     code = f"import os; open({str(report)!r}, 'w').write(str(os.sched_getscheduler(0)))"
     worker = Worker(index=0, argv=[sys.executable, "-c", code], read_fds=[], pipe_indexes=[])
-    pool = WorkerPool([worker], cwd=str(tmp_path), env=dict(os.environ), scheduling=scheduling)
+    pool = WorkerPool([worker], cwd=str(tmp_path), scheduling=scheduling)
     pool.spawn_all(0.0)
     wait_until_reaped(pool, 0.0)
     assert worker.exit_status == 0
@@ -116,7 +116,7 @@ prctl.cap_effective.sys_nice = False
 report = sys.argv[1]
 code = f"import os; open({report!r}, 'w').write(str(os.sched_getscheduler(0)))"
 worker = Worker(index=0, argv=[sys.executable, "-c", code], read_fds=[], pipe_indexes=[])
-pool = WorkerPool([worker], cwd=os.getcwd(), env=dict(os.environ))
+pool = WorkerPool([worker], cwd=os.getcwd())
 pool.spawn_all(0.0)
 while not pool.reap(0.0):
     time.sleep(0.01)
@@ -195,7 +195,6 @@ def test_dead_workers_are_reaped_and_respawned_with_growing_backoff(tmp_path: Pa
     pool = WorkerPool(
         [worker],
         cwd=str(tmp_path),
-        env=dict(os.environ),
         respawn_initial=1.0,
         respawn_max=3.0,
         on_exit=lambda w, status: exits.append(os.WEXITSTATUS(status)),
@@ -230,7 +229,7 @@ def test_a_worker_that_lived_long_restarts_the_backoff(tmp_path: Path) -> None:
     """A death after a healthy run is retried after the initial delay again."""
     worker = Worker(index=0, argv=[sys.executable, "-c", "pass"], read_fds=[], pipe_indexes=[])
     worker.quick_deaths = 5
-    pool = WorkerPool([worker], cwd=str(tmp_path), env=dict(os.environ), respawn_initial=1.5)
+    pool = WorkerPool([worker], cwd=str(tmp_path), respawn_initial=1.5)
     pool.spawn_all(0.0)
     wait_until_reaped(pool, 1000.0)
     assert worker.respawn_at == 1001.5
@@ -244,7 +243,7 @@ def test_signal_all_reaches_running_workers(tmp_path: Path) -> None:
         read_fds=[],
         pipe_indexes=[],
     )
-    pool = WorkerPool([worker], cwd=str(tmp_path), env=dict(os.environ))
+    pool = WorkerPool([worker], cwd=str(tmp_path))
     pool.spawn_all(0.0)
     pool.signal_all(signal.SIGKILL)
     wait_until_reaped(pool, 0.0)
@@ -275,7 +274,7 @@ def test_stop_escalates_from_waiting_to_sigterm_to_sigkill(tmp_path: Path) -> No
         read_fds=[],
         pipe_indexes=[],
     )
-    pool = WorkerPool([quits, stubborn], cwd=str(tmp_path), env=dict(os.environ))
+    pool = WorkerPool([quits, stubborn], cwd=str(tmp_path))
     pool.spawn_all(0.0)
     deadline = time.monotonic() + 10
     while not (tmp_path / "ready").exists():
@@ -290,25 +289,26 @@ def test_stop_escalates_from_waiting_to_sigterm_to_sigkill(tmp_path: Path) -> No
     assert describe_status(stubborn.exit_status) == "killed by SIGKILL"
 
 
-def test_the_pool_names_each_workers_fds_in_its_environment(tmp_path: Path) -> None:
-    """A worker's environment lists its pipe fds (TRADEBALANCER_FDS) and its index."""
+def test_a_worker_gets_exactly_the_environment_of_its_plan(tmp_path: Path) -> None:
+    """The pool starts each worker with its own environment (plan.py builds it), nothing else."""
     pipes = open_pipes(3, 65536)
     code = (
         "import json, os, sys; json.dump({k: v for k, v in os.environ.items() "
-        "if k.startswith('TRADEBALANCER')}, open(sys.argv[1], 'w'))"
+        "if k.startswith(('TRADEBALANCER', 'PATH', 'MASSIVE'))}, open(sys.argv[1], 'w'))"
     )
+    env = {"TRADEBALANCER_WORKER": "1", "TRADEBALANCER_FDS": "3,4"}
     workers = [
         Worker(
             index=1,
             argv=[sys.executable, "-c", code, str(tmp_path / "env.json")],
             read_fds=[pipes[1].read_fd, pipes[2].read_fd],
             pipe_indexes=[1, 2],
+            env=env,
         )
     ]
-    pool = WorkerPool(workers, cwd=str(tmp_path), env={"PATH": os.environ["PATH"]})
+    pool = WorkerPool(workers, cwd=str(tmp_path))
     pool.spawn_all(0.0)
     assert workers[0].pid is not None
     assert wait_exit(workers[0].pid) == 0
     close_pipes(pipes)
-    env = json.loads((tmp_path / "env.json").read_text())
-    assert env == {"TRADEBALANCER_WORKER": "1", "TRADEBALANCER_FDS": "3,4"}
+    assert json.loads((tmp_path / "env.json").read_text()) == env

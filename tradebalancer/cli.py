@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import __version__, command, config, credentials, signals
+from . import __version__, config, credentials, plan, signals
 from .errors import ConfigError, ExitCode, TradeBalancerError
 from .replay import cli as replay_cli
 from .routing import balance_warning
@@ -135,16 +135,14 @@ def check_config(path: str, names: Sequence[str], *, require_key: bool) -> int:
             if require_key:
                 raise
             key_source = "not found here (the unit loads it as a credential)"
-        workdir = command.working_directory(feed, os.environ)
         sys.stdout.write(
             f"feeds.{feed.name}: ok: {feed.url}, subscribe {','.join(feed.subscribe)}, "
             f"{feed.pipes} pipes, {feed.workers} workers, TLS {feed.tls}, API key {key_source}\n"
         )
         if (warning := balance_warning(feed.pipes)) is not None:
             sys.stdout.write(f"  warning: {warning}\n")
-        for worker in range(feed.workers):
-            argv = " ".join(command.argv_for(feed, worker, workdir))
-            sys.stdout.write(f"  worker {worker}: {argv}\n")
+        for worker in plan.plan_workers(feed, os.environ):
+            sys.stdout.write(f"  worker {worker.index}: {' '.join(worker.argv)}\n")
     return int(ExitCode.OK)
 
 

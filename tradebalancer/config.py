@@ -30,14 +30,9 @@ from types import MappingProxyType
 from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
-from .command import (
-    CommandTemplate,
-    argv_for,
-    check_variables,
-    compile_command,
-)
+from .command import CommandTemplate, compile_command
 from .errors import ConfigError
-from .split import DEFAULT_ROUTE_KEYS
+from .routing import DEFAULT_ROUTE_KEYS
 
 DEFAULT_PATH = Path("/etc/tradebalancer.toml")
 DEFAULT_URL = "wss://socket.massive.com/stocks"
@@ -52,6 +47,7 @@ DEFAULT_ROUTE_KEY = "sym"
 _FEED_NAME = re.compile(r"[A-Za-z0-9_-]+")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _CHANNEL = re.compile(r"[^,\s]+")  # the subscribe message joins channels with commas
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")  # ${NAME} in a path
 _TOML_POSITION = re.compile(r"^(?P<reason>.*) \(at line (?P<line>\d+), column (?P<column>\d+)\)$")
 _Values = dict[str, tuple[object, str]]  # flat key ("reconnect.max") -> (value, key path)
 _Choice = TypeVar("_Choice", bound=str)
@@ -301,9 +297,6 @@ def _feed(name: str, values: _Values, base: Path) -> FeedConfig:
         route_keys=MappingProxyType(route_keys),
         route_key_default=read.string("route_key_default", DEFAULT_ROUTE_KEY, empty=False),
     )
-    # Render every worker's argv now: a bad template fails check-config, not a spawn.
-    for worker in range(feed.workers):
-        argv_for(feed, worker, working_directory or ".")
     return feed
 
 
@@ -457,3 +450,32 @@ def _unknown_key(path: str, key: str, known: Sequence[str] | frozenset[str]) -> 
     close = difflib.get_close_matches(key, sorted(known), n=1)
     hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(sorted(known))}"
     return ConfigError(path, f"unknown key; {hint}")
+
+
+def check_variables(text: str, key_path: str) -> None:
+    """Raise ConfigError if ``text`` has a ``$`` that does not start a well-formed ``${NAME}``."""
+    remainder = _VARIABLE.sub("", text)
+    if "${" in remainder:
+        bad = remainder[remainder.index("${") :]
+        raise ConfigError(
+            key_path,
+            "must write variables as ${NAME}, NAME being letters, digits and _, "
+            f"got {text!r} (at {bad[:24]!r})",
+        )
+
+
+def unset_variables(text: str, environ: Mapping[str, str]) -> list[str]:
+    """Return the names ``text`` refers to as ``${NAME}`` that ``environ`` leaves unset or empty."""
+    return [name for name in _VARIABLE.findall(text) if not environ.get(name)]
+
+
+def expand_variables(text: str, environ: Mapping[str, str], key_path: str) -> str:
+    """Return ``text`` with each ``${NAME}`` replaced from ``environ``; ConfigError if unset."""
+    unset = unset_variables(text, environ)
+    if unset:
+        raise ConfigError(
+            key_path,
+            f"{text!r} refers to ${{{unset[0]}}}, which is not set in the environment; "
+            "set it or write the path out",
+        )
+    return _VARIABLE.sub(lambda match: environ[match.group(1)], text)

@@ -13,8 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from .command import expand_variables, unset_variables
-from .config import FeedConfig
+from .config import FeedConfig, expand_variables, unset_variables
 from .errors import ConfigError
 
 

@@ -24,6 +24,7 @@ from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 from .errors import WorkerError
+from .units import format_size
 
 logger = logging.getLogger(__name__)
 
@@ -195,12 +196,3 @@ def close_pipes(pipes: Sequence[Pipe]) -> None:
     """Close every pipe in ``pipes``."""
     for pipe in pipes:
         pipe.close()
-
-
-def format_size(size: float) -> str:
-    """Format a byte count for humans: 1 MiB, 512 KiB, 2 GiB."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:g} {unit}" if unit == "B" else f"{size:.4g} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")

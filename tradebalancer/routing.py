@@ -13,12 +13,37 @@ tickers land on two pipes, with 4 pipes all 17,576 three-letter tickers on two (
 does the same; tests/test_routing.py shows it). An odd count uses all 32 upper bits and
 spreads tickers as evenly as chance.
 
-Does no I/O, and knows nothing of JSON: keys are the route key's bytes (a symbol's UTF-8).
+Does no I/O, and knows nothing of JSON: keys are the route key's bytes (a symbol's UTF-8);
+which member of an event holds its key is ``DEFAULT_ROUTE_KEYS`` (the configuration may add).
 """
 
 from __future__ import annotations
 
-__all__ = ["CACHE_LIMIT", "FNV_OFFSET_BASIS", "FNV_PRIME", "PipeMap", "fnv1a64", "pipe_for"]
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Final
+
+__all__ = [
+    "CACHE_LIMIT",
+    "DEFAULT_ROUTE_KEYS",
+    "FNV_OFFSET_BASIS",
+    "FNV_PRIME",
+    "PipeMap",
+    "fnv1a64",
+    "pipe_for",
+]
+
+# Massive (Polygon.io) websocket event types -> the member holding the symbol.
+DEFAULT_ROUTE_KEYS: Final[Mapping[str, str]] = MappingProxyType(
+    # stocks, options and indices: trades, quotes, second and minute aggregates, fair value
+    dict.fromkeys(["T", "Q", "A", "AM", "FMV"], "sym")
+    # limit up/limit down, net order imbalance, index values
+    | dict.fromkeys(["LULD", "NOI", "V"], "T")
+    # forex aggregates; crypto aggregates, trades, quotes and level 2 books
+    | dict.fromkeys(["CA", "CAS", "XA", "XAS", "XT", "XQ", "XL2"], "pair")
+    | {"C": "p"}  # forex quotes
+)
+
 
 # FNV-1a 64-bit parameters, as published by Fowler, Noll and Vo
 # (http://www.isthe.com/chongo/tech/comp/fnv/).

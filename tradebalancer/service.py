@@ -36,12 +36,12 @@ import signal
 import time
 from collections.abc import Callable, Mapping
 
-from . import command
 from .backoff import Backoff
 from .config import FeedConfig
 from .errors import AuthError, ExitCode, KernelTLSUnavailable, TradeBalancerError, TransportError
 from .feed import Feed
-from .pipes import Pipe, close_pipes, flush_pipes, format_size, open_pipes, pipe_max_size
+from .pipes import Pipe, close_pipes, flush_pipes, open_pipes, pipe_max_size
+from .plan import plan_workers
 from .reader.format import LIMIT
 from .routing import balance_warning
 from .signals import Signals, install
@@ -49,7 +49,8 @@ from .split import FrameError, Splitter
 from .stats import Stats
 from .systemd import Notifier
 from .transport import Connector, Transport
-from .workers import Worker, WorkerPool, clean_environment, describe_status
+from .units import format_size
+from .workers import Worker, WorkerPool, describe_status
 
 logger = logging.getLogger(__name__)
 
@@ -176,27 +177,24 @@ class Service:
             )
         largest = config.pipe_size == "max"
         size = pipe_max_size() if largest else int(config.pipe_size)
+        plans = plan_workers(config, self.environ)  # a bad template fails before any pipe
         self.pipes = open_pipes(config.pipes, size, largest=largest)
-        workdir = command.working_directory(config, self.environ)
-        env = clean_environment(self.environ, config.api_key_env)
-        env["TRADEBALANCER_FEED"] = config.name
         workers = []
-        for index in range(config.workers):
-            pipe_indexes = command.pipes_for_worker(config, index)
-            for pipe_index in pipe_indexes:
-                self._pipe_worker[pipe_index] = index
+        for worker in plans:
+            for pipe_index in worker.pipes:
+                self._pipe_worker[pipe_index] = worker.index
             workers.append(
                 Worker(
-                    index=index,
-                    argv=command.argv_for(config, index, workdir),
-                    read_fds=[self.pipes[i].read_fd for i in pipe_indexes],
-                    pipe_indexes=pipe_indexes,
+                    index=worker.index,
+                    argv=list(worker.argv),
+                    read_fds=[self.pipes[i].read_fd for i in worker.pipes],
+                    pipe_indexes=list(worker.pipes),
+                    env=worker.env,
                 )
             )
         self.pool = WorkerPool(
             workers,
-            cwd=workdir,
-            env=env,
+            cwd=plans[0].cwd,
             respawn_initial=config.worker_restart.initial,
             respawn_max=config.worker_restart.max,
             scheduling=config.worker_scheduling,

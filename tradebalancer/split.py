@@ -73,13 +73,12 @@ operations; the benchmark's docstring lists the designs compared.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from types import MappingProxyType
 from typing import Final
 
 import orjson
 
 from .reader import format
-from .routing import PipeMap
+from .routing import DEFAULT_ROUTE_KEYS, PipeMap
 from .spans import object_spans
 
 try:
@@ -87,18 +86,7 @@ try:
 except ImportError:  # a source tree whose extension is not built: the Python paths alone
     Router = None  # type: ignore[assignment,misc]
 
-__all__ = ["CACHE_LIMIT", "DEFAULT_ROUTE_KEYS", "EXCERPT_BYTES", "FrameError", "Splitter"]
-
-# Massive (Polygon.io) websocket event types -> the member holding the symbol.
-DEFAULT_ROUTE_KEYS: Final[Mapping[str, str]] = MappingProxyType(
-    # stocks, options and indices: trades, quotes, second and minute aggregates, fair value
-    dict.fromkeys(["T", "Q", "A", "AM", "FMV"], "sym")
-    # limit up/limit down, net order imbalance, index values
-    | dict.fromkeys(["LULD", "NOI", "V"], "T")
-    # forex aggregates; crypto aggregates, trades, quotes and level 2 books
-    | dict.fromkeys(["CA", "CAS", "XA", "XAS", "XT", "XQ", "XL2"], "pair")
-    | {"C": "p"}  # forex quotes
-)
+__all__ = ["CACHE_LIMIT", "EXCERPT_BYTES", "FrameError", "Splitter"]
 
 # A FrameError carries this much of the frame for the log, never the whole of it.
 EXCERPT_BYTES: Final = 200

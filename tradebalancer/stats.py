@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .pipes import format_size
+from .units import format_size
 
 
 @dataclass

@@ -4,8 +4,9 @@ Owns the child processes. A worker is forked and exec'ed with exactly its pipes'
 file descriptors 3, 4, ... (in pipe order), stdin from /dev/null, stdout and stderr inherited
 (the journal under systemd), in the working directory, in its own process group (a Ctrl-C on
 the terminal reaches the balancer only, which then ends the workers in order), with
-PR_SET_PDEATHSIG so it dies with the balancer, with an environment cleaned of the notify
-socket, the watchdog and every secret, and by default under SCHED_BATCH (``worker_scheduling``):
+PR_SET_PDEATHSIG so it dies with the balancer, with the environment its plan gives it
+(plan.py: cleaned of the notify socket, the watchdog and every secret), and by default under
+SCHED_BATCH (``worker_scheduling``):
 the balancer wakes a worker with every write to its pipe, and a woken SCHED_OTHER task may
 preempt the one running on its CPU, the balancer itself halfway through writing the other pipes.
 
@@ -35,7 +36,7 @@ from typing import Literal
 import prctl
 
 from .errors import WorkerError
-from .reader.format import FDS_VARIABLE, FIRST_FD
+from .reader.format import FIRST_FD
 from .signals import HANDLED
 
 logger = logging.getLogger(__name__)
@@ -47,21 +48,6 @@ _POLICY_NAMES = {
     os.SCHED_FIFO: "SCHED_FIFO",
     os.SCHED_RR: "SCHED_RR",
 }
-
-# Never handed to a worker: the service manager's channels and the credentials.
-SCRUBBED_ENVIRONMENT = frozenset(
-    {
-        "NOTIFY_SOCKET",
-        "WATCHDOG_USEC",
-        "WATCHDOG_PID",
-        "LISTEN_FDS",
-        "LISTEN_PID",
-        "LISTEN_FDNAMES",
-        "CREDENTIALS_DIRECTORY",
-        "MASSIVE_API_KEY",
-        "POLYGON_API_KEY",
-    }
-)
 
 # A worker that lived this long before dying starts the backoff over.
 HEALTHY_LIFETIME = 60.0
@@ -75,6 +61,7 @@ class Worker:
     argv: list[str]
     read_fds: list[int]  # the balancer's read ends of this worker's pipes, in pipe order
     pipe_indexes: list[int]
+    env: Mapping[str, str] = field(default_factory=dict)  # its whole environment (plan.py)
     pid: int | None = None
     started_at: float = 0.0
     restarts: int = 0
@@ -87,12 +74,6 @@ class Worker:
     def running(self) -> bool:
         """True while the process exists (not yet reaped)."""
         return self.pid is not None
-
-
-def clean_environment(environ: Mapping[str, str], secrets: Sequence[str] = ()) -> dict[str, str]:
-    """Return ``environ`` without the service manager's variables and the named secrets."""
-    dropped = SCRUBBED_ENVIRONMENT.union(secrets)
-    return {key: value for key, value in environ.items() if key not in dropped}
 
 
 def spawn(
@@ -217,7 +198,6 @@ class WorkerPool:
         workers: Sequence[Worker],
         *,
         cwd: str,
-        env: Mapping[str, str],
         respawn_initial: float = 1.0,
         respawn_max: float = 30.0,
         scheduling: Literal["batch", "other"] = "batch",
@@ -227,7 +207,6 @@ class WorkerPool:
         self.scheduling = scheduling  # "batch": SCHED_BATCH, see the module docstring
         self._policy_warned = False
         self.cwd = cwd
-        self.env = dict(env)
         self.respawn_initial = respawn_initial
         self.respawn_max = respawn_max
         self.restarts = 0
@@ -335,10 +314,7 @@ class WorkerPool:
             worker.respawn_at = None
 
     def _spawn(self, worker: Worker, now: float) -> None:
-        env = dict(self.env)
-        env["TRADEBALANCER_WORKER"] = str(worker.index)
-        env[FDS_VARIABLE] = ",".join(str(FIRST_FD + i) for i in range(len(worker.read_fds)))
-        spawn(worker, cwd=self.cwd, env=env, now=now, batch=self.scheduling == "batch")
+        spawn(worker, cwd=self.cwd, env=worker.env, now=now, batch=self.scheduling == "batch")
         if self.scheduling == "batch" and not self._policy_warned:
             self._check_policy(worker)
 
