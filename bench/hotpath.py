@@ -25,10 +25,9 @@ from pathlib import Path
 STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("websocket frame parsing (websockets)", ("/websockets/",)),
     ("split and route (split.py, routing.py)", ("split.py", "routing.py", "spans.py")),
-    ("b''.join per pipe (service._dispatch)", ("_dispatch (",)),
-    ("pipe write() calls (pipes.py)", ("pipes.py",)),
+    ("b''.join and write() per pipe (pipes.py)", ("pipes.py",)),
     ("receive_into, TLS decryption (transport/)", ("/transport/",)),
-    ("feed protocol (feed.py)", ("feed.py",)),
+    ("feed protocol (feed.py, connection.py)", ("feed.py", "connection.py")),
     ("epoll wait (selectors)", ("selectors.py",)),
 ]
 OTHER = "other (event loop, timers, stats)"

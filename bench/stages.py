@@ -1,8 +1,8 @@
 """The balancer's hot path, stage by stage, in one process: CPU nanoseconds per trade.
 
 Owns a measurement that the machine's other load disturbs little: the service's own objects,
-driven the way ``Service._receive`` and ``Service._dispatch`` drive them, on the feed's bytes
-as the socket hands them over (1 MiB pieces of unmasked websocket frames, cut anywhere), each
+driven the way ``FeedConnection.receive`` and ``Forwarder.forward`` drive them, on the feed's
+bytes as the socket hands them over (1 MiB pieces of unmasked websocket frames, cut anywhere), each
 stage timed on its own:
 
 * ``websocket``: ``Feed.receive_data`` and ``messages_received`` (websockets' sans-I/O frame
@@ -74,8 +74,8 @@ def streaming_feed() -> Feed:
     server.send_text(status("success", "subscribed to: T.*"))
     feed.receive_data(b"".join(server.data_to_send()), 0.0)
     feed.data_to_send()  # auth and subscribe: nobody to send them to
-    if feed.streaming_since is None:
-        raise RuntimeError(f"the feed did not reach streaming: {feed.phase}, {feed.error}")
+    if not feed.streaming:
+        raise RuntimeError(f"the feed did not reach streaming: {feed.phase}, {feed.outcome(0.0)}")
     return feed
 
 

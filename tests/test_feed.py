@@ -9,7 +9,7 @@ from websockets.http11 import Request
 from websockets.server import ServerProtocol
 
 from tradebalancer.errors import AuthError, FeedError
-from tradebalancer.feed import Feed, Phase
+from tradebalancer.feed import ANY, HANDSHAKE, Action, Feed, Outcome, Phase, transition
 
 URL = "wss://socket.example.test/stocks"
 CONNECTED = b'[{"ev":"status","status":"connected","message":"Connected Successfully"}]'
@@ -78,6 +78,13 @@ def handshake(feed: Feed, params: list[str]) -> Peer:
     return peer
 
 
+def ended(feed: Feed) -> Outcome:
+    """How the feed's conversation ended (it must have)."""
+    outcome = feed.outcome(0.0)
+    assert outcome is not None, f"the feed is still {feed.phase}"
+    return outcome
+
+
 def new_feed(**kwargs: object) -> Feed:
     options: dict[str, object] = {"now": 0.0, "ping_interval": 10.0, "ping_timeout": 5.0}
     options.update(kwargs)
@@ -98,7 +105,7 @@ def test_handshake_sends_auth_then_subscribe_and_reaches_streaming() -> None:
     assert feed.phase is Phase.SUBSCRIBING
     peer.send(subscribed("Q.AAPL"), now=4.0)
     assert feed.phase is Phase.STREAMING
-    assert feed.streaming_since == 4.0
+    assert feed.streaming and feed.streamed(10.0) == 6.0
 
 
 def test_data_frames_come_out_byte_for_byte_and_status_frames_never_do() -> None:
@@ -142,8 +149,8 @@ def test_auth_failed_ends_with_an_auth_error_and_a_close_frame() -> None:
     peer.send(CONNECTED)
     peer.send(AUTH_FAILED)
     assert feed.closed
-    assert isinstance(feed.error, AuthError)
-    assert "sekrit" not in str(feed.error)
+    assert isinstance(ended(feed).error, AuthError)
+    assert "sekrit" not in str(ended(feed).error)
     assert peer.server.close_rcvd is not None
 
 
@@ -152,8 +159,8 @@ def test_max_connections_sets_the_cooldown_flag() -> None:
     feed = new_feed()
     peer = handshake(feed, ["T.*", "Q.AAPL"])
     peer.send(b'[{"ev":"status","status":"max_connections","message":"Maximum number"}]')
-    assert feed.closed and feed.cooldown
-    assert isinstance(feed.error, FeedError) and "max_connections" in str(feed.error)
+    assert feed.closed and ended(feed).cooldown
+    assert isinstance(ended(feed).error, FeedError) and "max_connections" in str(ended(feed).error)
 
 
 def test_server_ping_is_answered_with_a_pong() -> None:
@@ -177,7 +184,7 @@ def test_keepalive_pings_and_gives_up_when_no_pong_comes() -> None:
     assert not feed.closed
     feed.tick(15.0)
     assert feed.closed
-    assert isinstance(feed.error, FeedError) and "pong" in str(feed.error)
+    assert isinstance(ended(feed).error, FeedError) and "pong" in str(ended(feed).error)
 
 
 def test_a_pong_clears_the_keepalive() -> None:
@@ -197,7 +204,7 @@ def test_paused_reading_does_not_count_against_the_pong_timeout() -> None:
     feed = new_feed()
     handshake(feed, ["T.*", "Q.AAPL"])
     feed.tick(10.0)
-    feed.paused = True
+    feed.pause(True)
     feed.tick(30.0)
     assert not feed.closed
 
@@ -209,7 +216,7 @@ def test_close_frame_from_the_server_ends_the_conversation_with_its_reason() -> 
     peer.server.send_close(1001, "maintenance")
     peer.deliver(0.0)
     assert feed.closed
-    assert "1001" in str(feed.error) and "maintenance" in str(feed.error)
+    assert "1001" in str(ended(feed).error) and "maintenance" in str(ended(feed).error)
 
 
 @pytest.mark.parametrize("status", [CONNECTED, AUTH_OK], ids=["connected", "auth_success"])
@@ -224,7 +231,7 @@ def test_a_status_and_a_close_frame_read_at_once_end_the_conversation(status: by
     peer.server.send_close(1000, "end of replay")
     feed.receive_data(b"".join(peer.server.data_to_send()), 0.0)  # websockets is now CLOSING
     assert feed.closed
-    assert "1000" in str(feed.error) and "end of replay" in str(feed.error)
+    assert "1000" in str(ended(feed).error) and "end of replay" in str(ended(feed).error)
     peer.pump(0.0)
     assert len(peer.received) == sent  # neither auth nor subscribe followed the close
 
@@ -239,7 +246,7 @@ def test_eof_mid_frame_loses_only_the_incomplete_message() -> None:
     feed.receive_data(wire[: len(wire) - 5], 0.0)
     feed.receive_eof(0.0)
     assert feed.messages_received() == [TRADES]
-    assert feed.closed and "in the middle of a message" in str(feed.error)
+    assert feed.closed and "in the middle of a message" in str(ended(feed).error)
 
 
 def test_garbage_from_the_server_fails_the_connection_without_raising() -> None:
@@ -248,7 +255,7 @@ def test_garbage_from_the_server_fails_the_connection_without_raising() -> None:
     handshake(feed, ["T.*", "Q.AAPL"])
     feed.receive_data(b"\x8f\x05hello", 0.0)  # reserved opcode 0xF
     assert feed.closed
-    assert isinstance(feed.error, FeedError)
+    assert isinstance(ended(feed).error, FeedError)
 
 
 def test_refused_upgrade_is_reported() -> None:
@@ -264,7 +271,7 @@ def test_refused_upgrade_is_reported() -> None:
         if data:
             feed.receive_data(data, 0.0)
     assert feed.closed
-    assert "403" in str(feed.error)
+    assert "403" in str(ended(feed).error)
 
 
 def test_message_size_limit_is_raised_past_websockets_default() -> None:
@@ -282,7 +289,7 @@ def test_status_events_from_mixed_frames_are_handled() -> None:
     feed = new_feed()
     handshake(feed, ["T.*", "Q.AAPL"])
     feed.receive_status(b'{"ev":"status","status":"max_connections","message":"x"}', 0.0)
-    assert feed.closed and feed.cooldown
+    assert feed.closed and ended(feed).cooldown
 
 
 @pytest.mark.parametrize("url", ["http://x", "not a url", "wss://"])
@@ -290,3 +297,78 @@ def test_invalid_url_is_a_feed_error(url: str) -> None:
     """A URL the websocket client cannot use is refused with a clear error."""
     with pytest.raises(FeedError, match="invalid feed URL"):
         Feed(url, "k", ["T.*"], now=0.0)
+
+
+# -- the handshake, driven by its own table ---------------------------------------------------
+
+STATUS_MESSAGES = {
+    "connected": "Connected Successfully",
+    "auth_success": "authenticated",
+    "success": "subscribed to: T.*",
+    "auth_failed": "authentication failed",
+    "max_connections": "Maximum number of websocket connections exceeded",
+    "error": "something broke",
+    "auth_timeout": "authentication timed out",
+}
+
+
+def feed_in(phase: Phase) -> tuple[Feed, Peer]:
+    """A feed whose conversation stands at ``phase`` (one subscription left to confirm)."""
+    feed = Feed(URL, "sekrit-key", ["T.*"], now=0.0)
+    peer = Peer(feed)
+    steps = {
+        Phase.CONNECTING: [],
+        Phase.AUTHENTICATING: [CONNECTED],
+        Phase.SUBSCRIBING: [CONNECTED, AUTH_OK],
+        Phase.STREAMING: [CONNECTED, AUTH_OK, subscribed("T.*")],
+    }[phase]
+    for message in steps:
+        peer.send(message)
+    assert feed.phase is phase
+    return feed, peer
+
+
+SENT_BY = {
+    Action.AUTHENTICATE: {"action": "auth", "params": "sekrit-key"},
+    Action.SUBSCRIBE: {"action": "subscribe", "params": "T.*"},
+}
+
+
+@pytest.mark.parametrize(
+    ("phase", "status"),
+    [
+        (phase, status)
+        for phase in (Phase.CONNECTING, Phase.AUTHENTICATING, Phase.SUBSCRIBING, Phase.STREAMING)
+        for status in [*STATUS_MESSAGES, "info"]
+    ],
+)
+def test_every_status_in_every_phase_does_what_the_table_says(phase: Phase, status: str) -> None:
+    """Each (phase, status): the table's action is taken and the table's next phase reached."""
+    action, expected = transition(phase, status)
+    if (phase, status) in HANDSHAKE:
+        assert HANDSHAKE[phase, status] == (action, expected)
+    elif (ANY, status) in HANDSHAKE:
+        assert HANDSHAKE[ANY, status] == (action, expected)
+    else:
+        assert (action, expected) == (Action.NOTE, phase)
+    feed, peer = feed_in(phase)
+    sent_before = len(peer.received)
+    message = STATUS_MESSAGES.get(status, "just so you know")
+    peer.send(orjson.dumps([{"ev": "status", "status": status, "message": message}]), 7.0)
+    sent = [orjson.loads(data) for data in peer.received[sent_before:]]
+    if action in SENT_BY:
+        assert sent == [SENT_BY[action]]
+    else:
+        assert sent == []
+    if action is Action.CONFIRM:  # the last subscription confirmed: streaming
+        assert feed.phase is Phase.STREAMING and feed.streamed(10.0) == 3.0
+    else:
+        assert feed.phase is expected
+    outcome = feed.outcome(7.0)
+    if expected is Phase.CLOSED:
+        assert outcome is not None and outcome.error is not None
+        assert isinstance(outcome.error, AuthError) == (action is Action.REFUSE_KEY)
+        assert outcome.cooldown == (action is Action.COOL_DOWN)
+        assert message in outcome.reason or action is Action.REFUSE_KEY
+    else:
+        assert outcome is None

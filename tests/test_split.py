@@ -13,12 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tradebalancer import split
-from tradebalancer.errors import TradeBalancerError
+from tradebalancer.errors import EXCERPT_BYTES, FeedError, FrameError, TradeBalancerError
 from tradebalancer.reader import framing
 from tradebalancer.reader.format import LIMIT
 from tradebalancer.reader.framing import MessageParser
 from tradebalancer.routing import DEFAULT_ROUTE_KEYS, pipe_for
-from tradebalancer.split import EXCERPT_BYTES, FrameError, Splitter
+from tradebalancer.split import Splitter
 
 PIPES = 1009  # many pipes, so that routing by a wrong key shows as a wrong pipe
 
@@ -357,13 +357,13 @@ def test_every_truncation_is_rejected_untouched(frame: bytes) -> None:
     assert splitter.rejected_frames == len(frame)
 
 
-def test_frame_error_is_bounded_and_outside_the_error_tree() -> None:
-    """FrameError keeps a reason and at most 200 bytes of the frame, and is no service error."""
+def test_frame_error_is_bounded_and_a_feed_error() -> None:
+    """FrameError keeps a reason and at most 200 bytes of the frame; it is a FeedError."""
     frame = b"[" + b'{"ev":"T","sym":"A"},' * 100 + b"1]"
     with pytest.raises(FrameError) as caught:
         Splitter(4).route(frame, new_out(4), [])
     error = caught.value
-    assert not isinstance(error, TradeBalancerError)
+    assert isinstance(error, FeedError) and isinstance(error, TradeBalancerError)
     assert error.reason == "element 100 is a number, not an object"
     assert error.excerpt == frame[:200] and len(error.excerpt) == EXCERPT_BYTES
     assert "element 100" in str(error) and f"{len(frame)}-byte" in str(error)

@@ -7,6 +7,7 @@ command line can tell "our" failures (a message for the user) from bugs (a trace
      +-- ConfigError        the TOML file, the worker template, the command line  -> exit 78
      +-- FeedError          the feed broke its protocol or refused us
      |    +-- AuthError     the API key was refused                               -> exit 77
+     |    +-- FrameError    a data frame that is not a JSON array of objects      -> dropped
      +-- TransportError     TCP, TLS and kernel TLS                               -> reconnect
      |    +-- KernelTLSUnavailable  tls = "kernel" but the kernel can't take it   -> exit 69
      +-- WorkerError        pipes and worker processes                            -> exit 71
@@ -66,6 +67,23 @@ class FeedError(TradeBalancerError):
 
     def __str__(self) -> str:
         return self.message
+
+
+EXCERPT_BYTES = 200  # how much of a peer's bad input an error carries for the log, never more
+
+
+class FrameError(FeedError):
+    """A data frame that is not a JSON array of objects: none of it was routed (split.py)."""
+
+    def __init__(self, reason: str, frame: bytes) -> None:
+        excerpt = bytes(frame[:EXCERPT_BYTES])
+        super().__init__(reason)
+        self.reason = reason
+        self.excerpt = excerpt
+        self.size = len(frame)
+
+    def __str__(self) -> str:
+        return f"dropped a {self.size}-byte frame, {self.reason}; it began {self.excerpt!r}"
 
 
 class AuthError(FeedError):

@@ -15,20 +15,24 @@ The feed's handshake (Massive's websocket documentation)::
     server  [{"ev":"status","status":"success","message":"subscribed to: T.*"}]   one per param
     server  [{"ev":"T","sym":"AAPL",...},...]                  data, until the connection ends
 
-``max_connections`` (another client with the same key took the stream over) ends the
-conversation with a FeedError whose ``cooldown`` flag tells the service to wait long before it
-reconnects. Status events never leave this module: the splitter hands those found in data
-frames back through ``receive_status``.
+The handshake is a transition table, ``HANDSHAKE``: (phase, status) -> (action, next phase);
+a status the table does not name for the phase, nor for every phase (``ANY``), is noted and
+changes nothing. ``max_connections`` (another client with the same key took the stream over)
+ends the conversation with a cooldown: the service waits long before it reconnects. Status
+events never leave this module: the splitter hands those found in data frames back through
+``receive_status``.
 
-Bad input from the peer never raises: it is recorded in ``error`` and the websocket is failed
-(a close frame is queued), so the service decides what to do at its own pace.
+Bad input from the peer never raises: the websocket is failed (a close frame is queued) and
+the reason kept, and the service asks for it (``outcome``) and decides at its own pace.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import cast
 
 import orjson
@@ -40,13 +44,11 @@ from websockets.protocol import State
 from websockets.uri import parse_uri
 
 from . import __version__
-from .errors import AuthError, FeedError
+from .errors import EXCERPT_BYTES, AuthError, FeedError, TradeBalancerError
 
 logger = logging.getLogger(__name__)
 
 _STATUS_PREFIX = b'[{"ev":"status"'
-# A status frame is small; a bounded excerpt of anything unexpected goes to the log.
-_EXCERPT = 200
 
 
 class Phase(enum.Enum):
@@ -57,7 +59,55 @@ class Phase(enum.Enum):
     AUTHENTICATING = "authenticating"  # auth sent, waiting for auth_success
     SUBSCRIBING = "subscribing"  # subscribe sent, waiting for one success per param
     STREAMING = "streaming"  # every subscription confirmed
-    CLOSED = "closed"  # over: see Feed.error
+    CLOSED = "closed"  # over: see Feed.outcome()
+
+
+class Action(enum.Enum):
+    """What a status makes the feed do."""
+
+    AUTHENTICATE = "send the auth message"
+    SUBSCRIBE = "send the subscribe message"
+    CONFIRM = "count a subscription confirmed; stream once all are"
+    REFUSE_KEY = "close: the API key was refused (no retry)"
+    COOL_DOWN = "close: another client took the stream over (wait long)"
+    FAIL = "close with the feed's message"
+    NOTE = "log it, change nothing"
+
+
+ANY = None  # a HANDSHAKE row for every phase
+
+# The feed's handshake (Massive's websocket documentation). Looked up with the phase first,
+# then with ANY; a status found under neither is noted (Action.NOTE) and changes nothing.
+HANDSHAKE: Mapping[tuple[Phase | None, str], tuple[Action, Phase]] = MappingProxyType(
+    {
+        (Phase.CONNECTING, "connected"): (Action.AUTHENTICATE, Phase.AUTHENTICATING),
+        (Phase.AUTHENTICATING, "auth_success"): (Action.SUBSCRIBE, Phase.SUBSCRIBING),
+        (Phase.SUBSCRIBING, "success"): (Action.CONFIRM, Phase.SUBSCRIBING),
+        (ANY, "auth_failed"): (Action.REFUSE_KEY, Phase.CLOSED),
+        (ANY, "max_connections"): (Action.COOL_DOWN, Phase.CLOSED),
+        (ANY, "error"): (Action.FAIL, Phase.CLOSED),
+        (ANY, "auth_timeout"): (Action.FAIL, Phase.CLOSED),
+    }
+)
+
+
+def transition(phase: Phase, status: object) -> tuple[Action, Phase]:
+    """Look ``status`` up in HANDSHAKE for ``phase``: the action and the next phase."""
+    if isinstance(status, str):
+        found = HANDSHAKE.get((phase, status)) or HANDSHAKE.get((ANY, status))
+        if found is not None:
+            return found
+    return Action.NOTE, phase
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a conversation ended: why, and what that means for the next one."""
+
+    reason: str  # for the log
+    error: TradeBalancerError | None  # what ended it; None: we closed it ourselves
+    cooldown: bool  # max_connections: wait max_connections_cooldown before reconnecting
+    streamed: float  # seconds it streamed (0: it never got there)
 
 
 class Feed:
@@ -89,15 +139,15 @@ class Feed:
         request.headers["User-Agent"] = f"tradebalancer/{__version__}"
         self._protocol.send_request(request)
         self.phase = Phase.UPGRADING
-        self.error: FeedError | None = None
-        self.cooldown = False  # True after max_connections: reconnect only after a long wait
-        self.streaming_since: float | None = None
+        self._error: FeedError | None = None
+        self._cooldown = False  # after max_connections: reconnect only after a long wait
+        self._streaming_since: float | None = None
         self._messages: list[bytes] = []
         self._fragments: list[bytes] = []
         self._last_ping_at = now
         self._ping_payload: bytes | None = None
         self._ping_serial = 0
-        self.paused = False  # the service stopped reading (backpressure): no pong can arrive
+        self._paused = False  # the service stopped reading (backpressure): no pong can arrive
 
     # -- input -------------------------------------------------------------------------------
 
@@ -125,7 +175,7 @@ class Feed:
         try:
             parsed = orjson.loads(event)
         except orjson.JSONDecodeError:
-            logger.warning("ignored malformed status event: %r", event[:_EXCERPT])
+            logger.warning("ignored malformed status event: %r", event[:EXCERPT_BYTES])
             return
         if isinstance(parsed, dict):
             self._handle_status(parsed, now)
@@ -146,6 +196,27 @@ class Feed:
         """True once the conversation is over and the transport should be closed."""
         return self.phase is Phase.CLOSED
 
+    @property
+    def streaming(self) -> bool:
+        """True once every subscription was confirmed (until the conversation is over)."""
+        return self._streaming_since is not None
+
+    def streamed(self, now: float) -> float:
+        """Seconds since every subscription was confirmed (0 if they never were)."""
+        return 0.0 if self._streaming_since is None else now - self._streaming_since
+
+    def outcome(self, now: float) -> Outcome | None:
+        """None while the conversation goes on; how it ended once it is over."""
+        if self.phase is not Phase.CLOSED:
+            return None
+        error = self._error
+        reason = str(error) if error is not None else "closed"
+        return Outcome(reason, error, self._cooldown, self.streamed(now))
+
+    def pause(self, paused: bool) -> None:
+        """The service stopped (or went back to) reading the socket: pongs cannot arrive."""
+        self._paused = paused
+
     # -- time --------------------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
@@ -153,7 +224,7 @@ class Feed:
         if self.phase in (Phase.UPGRADING, Phase.CLOSED):
             return
         if self._ping_payload is not None:
-            if self.paused:
+            if self._paused:
                 # Not reading the socket is our choice, not the peer's fault.
                 self._last_ping_at = now
             elif now - self._last_ping_at >= self._ping_timeout:
@@ -248,15 +319,20 @@ class Feed:
     def _handle_status(self, event: dict[str, object], now: float) -> None:
         status = event.get("status")
         text = str(event.get("message", ""))
-        if status == "connected" and self.phase is Phase.CONNECTING:
+        action, next_phase = transition(self.phase, status)
+        if action is Action.AUTHENTICATE:
             logger.info("connected to %s; authenticating", self.url)
             self._send_text(orjson.dumps({"action": "auth", "params": self._api_key}))
-            self.phase = Phase.AUTHENTICATING
-        elif status == "auth_success" and self.phase is Phase.AUTHENTICATING:
+        elif action is Action.SUBSCRIBE:
             logger.info("authenticated; subscribing to %s", self._params)
             self._send_text(orjson.dumps({"action": "subscribe", "params": self._params}))
-            self.phase = Phase.SUBSCRIBING
-        elif status == "auth_failed":
+        elif action is Action.CONFIRM:
+            self._pending_params.discard(text.removeprefix("subscribed to: "))
+            logger.info("subscription confirmed: %s", text)
+            if not self._pending_params:
+                next_phase = Phase.STREAMING
+                self._streaming_since = now
+        elif action is Action.REFUSE_KEY:
             self._fail(
                 CloseCode.NORMAL_CLOSURE,
                 None,
@@ -265,15 +341,8 @@ class Feed:
                     "in the credential file or the environment and start again"
                 ),
             )
-        elif status == "success" and self.phase is Phase.SUBSCRIBING:
-            confirmed = text.removeprefix("subscribed to: ")
-            self._pending_params.discard(confirmed)
-            logger.info("subscription confirmed: %s", text)
-            if not self._pending_params:
-                self.phase = Phase.STREAMING
-                self.streaming_since = now
-        elif status == "max_connections":
-            self.cooldown = True
+        elif action is Action.COOL_DOWN:
+            self._cooldown = True
             self._fail(
                 CloseCode.NORMAL_CLOSURE,
                 None,
@@ -282,10 +351,12 @@ class Feed:
                     "stop the other client or use another key"
                 ),
             )
-        elif status in ("error", "auth_timeout"):
+        elif action is Action.FAIL:
             self._fail(CloseCode.NORMAL_CLOSURE, f"feed status {status}: {text}")
         else:
             logger.warning("feed status %s: %s", status, text)
+        if self.phase is not Phase.CLOSED:
+            self.phase = next_phase
 
     def _send_text(self, message: bytes) -> None:
         # One read may bring a status and the feed's close frame behind it: websockets is then
@@ -303,7 +374,7 @@ class Feed:
     def _close(self, error: FeedError | None) -> None:
         if self.phase is not Phase.CLOSED:
             self.phase = Phase.CLOSED
-            self.error = error
+            self._error = error
 
     def _closed_reason(self, what: str) -> str:
         rcvd = self._protocol.close_rcvd

@@ -20,7 +20,7 @@ import logging
 import os
 import select
 from collections import deque
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 
 from .errors import WorkerError
@@ -63,6 +63,8 @@ class Pipe:
             written = os.write(self.write_fd, data)
         except BlockingIOError:
             written = 0
+        except OSError as exc:  # not EPIPE: we hold the read end; a closed or broken fd
+            raise self._broken(exc) from exc
         self.bytes_written += written
         if written < len(data):
             rest = memoryview(data)[written:]
@@ -79,6 +81,8 @@ class Pipe:
                 written = os.write(self.write_fd, chunk)
             except BlockingIOError:
                 break
+            except OSError as exc:
+                raise self._broken(exc) from exc
             self.bytes_written += written
             self.backlog_bytes -= written
             if written < len(chunk):
@@ -94,11 +98,99 @@ class Pipe:
         return int.from_bytes(buffer, "little")
 
     def close(self) -> None:
-        """Close both ends; a worker still reading sees end of file after the data."""
+        """Close both ends (their numbers become -1); a worker reading on sees end of file."""
         if not self.closed:
             self.closed = True
             os.close(self.write_fd)
             os.close(self.read_fd)
+            self.write_fd = self.read_fd = -1
+
+    def _broken(self, exc: OSError) -> WorkerError:
+        return WorkerError(
+            f"cannot write to pipe {self.index}: {exc.strerror or exc} (errno {exc.errno}); "
+            "this is a bug, please report it"
+        )
+
+
+class PipeSet:
+    """Every pipe of one feed: opened together, written a batch at a time, flushed on stop.
+
+    The service's one view of its pipes: the per-pipe write of a batch, the total backlog, the
+    pipes that hold one (to watch for writability), the worst of them, the drain on shutdown.
+    """
+
+    def __init__(self, pipes: Sequence[Pipe]) -> None:
+        self._pipes = list(pipes)
+        self.backlog_bytes = 0  # queued in all backlogs after the last write or flush
+
+    @classmethod
+    def open(cls, count: int, size: int, *, largest: bool = False) -> PipeSet:
+        """Open ``count`` pipes of about ``size`` bytes (see ``open_pipes``)."""
+        return cls(open_pipes(count, size, largest=largest))
+
+    def __len__(self) -> int:
+        return len(self._pipes)
+
+    def __iter__(self) -> Iterator[Pipe]:
+        return iter(self._pipes)
+
+    def __getitem__(self, index: int) -> Pipe:
+        return self._pipes[index]
+
+    def write_batch(self, out: list[list[bytes]]) -> int:
+        """Write each pipe's share of a batch with one write(); return the bytes handed over.
+
+        ``out`` holds one list of chunks per pipe (split.py), emptied here. What a pipe does not
+        take now waits in its backlog; ``backlog_bytes`` is the total after the call. One
+        write per pipe per batch: about 8x fewer syscalls than one per event.
+        """
+        written = backlog = 0
+        for pipe, chunks in zip(self._pipes, out, strict=True):
+            if chunks:
+                data = b"".join(chunks)  # one chunk (the C router's) is not copied
+                chunks.clear()
+                written += len(data)
+                backlog += pipe.write(data)
+            elif pipe.backlog_bytes:
+                backlog += pipe.flush()
+        self.backlog_bytes = backlog
+        return written
+
+    def flush(self, pipe: Pipe) -> int:
+        """Write what ``pipe`` takes of its backlog now; return what it still holds."""
+        before = pipe.backlog_bytes
+        left = pipe.flush()
+        self.backlog_bytes -= before - left
+        return left
+
+    def backlogged(self) -> list[Pipe]:
+        """The pipes that hold a backlog (to watch for writability)."""
+        return [pipe for pipe in self._pipes if pipe.backlog_bytes]
+
+    def worst(self) -> Pipe:
+        """The pipe with the largest backlog."""
+        return max(self._pipes, key=lambda pipe: pipe.backlog_bytes)
+
+    def drain(
+        self,
+        timeout: float,
+        clock: Callable[[], float],
+        readers: Callable[[], Collection[int]] | None = None,
+    ) -> int:
+        """On shutdown: ``flush_pipes`` over every pipe; log and return what did not fit."""
+        left = flush_pipes(self._pipes, timeout, clock, readers)
+        self.backlog_bytes = left
+        if left:
+            logger.error(
+                "%s could not reach the workers within %.0f s (a worker is stuck or dead)",
+                format_size(left),
+                timeout,
+            )
+        return left
+
+    def close(self) -> None:
+        """Close every pipe."""
+        close_pipes(self._pipes)
 
 
 _FIONREAD = 0x541B  # termios.FIONREAD on Linux

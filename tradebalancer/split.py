@@ -77,6 +77,7 @@ from typing import Final
 
 import orjson
 
+from .errors import EXCERPT_BYTES, FrameError
 from .reader import format
 from .routing import DEFAULT_ROUTE_KEYS, PipeMap
 from .spans import object_spans
@@ -86,10 +87,8 @@ try:
 except ImportError:  # a source tree whose extension is not built: the Python paths alone
     Router = None  # type: ignore[assignment,misc]
 
-__all__ = ["CACHE_LIMIT", "EXCERPT_BYTES", "FrameError", "Splitter"]
+__all__ = ["CACHE_LIMIT", "Splitter", "accelerated"]
 
-# A FrameError carries this much of the frame for the log, never the whole of it.
-EXCERPT_BYTES: Final = 200
 
 _FRAME_HEAD: Final = b'[{"ev":"'
 _FRAME_TAIL: Final = b"}]"
@@ -121,20 +120,9 @@ _HEADERS: Final = format.headers()
 _KINDS: Final = {dict: "an object", list: "an array", str: "a string", type(None): "null"}
 
 
-class FrameError(Exception):
-    """A frame that is not a JSON array of objects: none of it was routed."""
-
-    def __init__(self, reason: str, frame: bytes) -> None:
-        """Record why ``frame`` was refused and a bounded excerpt of it for the log."""
-        excerpt = bytes(frame[:EXCERPT_BYTES])
-        super().__init__(reason, excerpt)
-        self.reason = reason
-        self.excerpt = excerpt
-        self.size = len(frame)
-
-    def __str__(self) -> str:
-        """Say what was wrong with the frame and how it began; it was dropped."""
-        return f"dropped a {self.size}-byte frame, {self.reason}; it began {self.excerpt!r}"
+def accelerated() -> bool:
+    """Whether the C router is built (without it, events are split in Python alone)."""
+    return Router is not None
 
 
 class _NotFast(Exception):

@@ -36,6 +36,7 @@ from typing import Literal
 import prctl
 
 from .errors import WorkerError
+from .plan import WorkerPlan
 from .reader.format import FIRST_FD
 from .signals import HANDLED
 
@@ -201,7 +202,6 @@ class WorkerPool:
         respawn_initial: float = 1.0,
         respawn_max: float = 30.0,
         scheduling: Literal["batch", "other"] = "batch",
-        on_exit: Callable[[Worker, int], None] | None = None,
     ) -> None:
         self.workers = list(workers)
         self.scheduling = scheduling  # "batch": SCHED_BATCH, see the module docstring
@@ -210,7 +210,36 @@ class WorkerPool:
         self.respawn_initial = respawn_initial
         self.respawn_max = respawn_max
         self.restarts = 0
-        self._on_exit = on_exit
+        self.stopping = False  # no respawn: exits are logged as the end of the worker
+
+    @classmethod
+    def from_plans(
+        cls,
+        plans: Sequence[WorkerPlan],
+        read_fds: Sequence[int],
+        *,
+        respawn_initial: float = 1.0,
+        respawn_max: float = 30.0,
+        scheduling: Literal["batch", "other"] = "batch",
+    ) -> WorkerPool:
+        """The pool of a feed's planned workers; ``read_fds[i]`` is pipe i's read end."""
+        workers = [
+            Worker(
+                index=plan.index,
+                argv=list(plan.argv),
+                read_fds=[read_fds[pipe] for pipe in plan.pipes],
+                pipe_indexes=list(plan.pipes),
+                env=plan.env,
+            )
+            for plan in plans
+        ]
+        return cls(
+            workers,
+            cwd=plans[0].cwd,
+            respawn_initial=respawn_initial,
+            respawn_max=respawn_max,
+            scheduling=scheduling,
+        )
 
     def spawn_all(self, now: float) -> None:
         """Start every worker; raise WorkerError if one cannot be started at all."""
@@ -244,11 +273,24 @@ class WorkerPool:
                 self.respawn_max,
                 self.respawn_initial * 2 ** max(0, worker.quick_deaths - 1),
             )
-            worker.respawn_at = now + delay
             exited.append(worker)
-            if self._on_exit is not None:
-                self._on_exit(worker, status)
+            if self.stopping:
+                logger.info("worker %d %s", worker.index, describe_status(status))
+                continue
+            worker.respawn_at = now + delay
+            logger.warning(
+                "worker %d (pid %d) %s; restarting it in %.1f s on the same pipes",
+                worker.index,
+                pid,
+                describe_status(status),
+                delay,
+            )
         return exited
+
+    def read_pipes(self) -> set[int]:
+        """The pipes a live worker reads (the dead are reaped first: they take nothing more)."""
+        self.reap(time.monotonic())
+        return {index for worker in self.running() for index in worker.pipe_indexes}
 
     def respawn_due(self, now: float) -> None:
         """Restart the workers whose backoff has passed."""
@@ -309,7 +351,8 @@ class WorkerPool:
             time.sleep(0.02)
 
     def cancel_respawns(self) -> None:
-        """Forget pending respawns (shutting down)."""
+        """Forget pending respawns and make none from now on (shutting down)."""
+        self.stopping = True
         for worker in self.workers:
             worker.respawn_at = None
 

@@ -18,8 +18,9 @@ knows nothing else of the balancer. Non-trade events (quotes, aggregates, ...) a
 their ``ev``; events that are not JSON objects, and trades without a numeric price and size, are
 counted as invalid and otherwise ignored: a worker never dies of a bad event.
 
-Design notes: messages are parsed one by one with orjson (joining a batch into one JSON array
-and parsing it once measured no faster); a symbol's figures live in a ``__slots__`` object,
+Design notes: messages are parsed one by one with orjson where it is installed, else with the
+standard library's json (the reader needs no third-party package; joining a batch into one JSON
+array and parsing it once measured no faster); a symbol's figures live in a ``__slots__`` object,
 whose attribute updates are the cheapest per-trade work CPython offers. Signals only set a flag:
 the reader wakes up at least every quarter second, so the loop stops between batches and the
 final summary is consistent.
@@ -36,7 +37,10 @@ from collections import Counter
 from collections.abc import Sequence
 from types import FrameType
 
-import orjson
+try:  # orjson when the worker host has it (3-4x faster), the standard library's json else
+    from orjson import loads as _loads
+except ImportError:  # pragma: no cover - a reader-only host
+    from json import loads as _loads  # type: ignore[assignment]
 
 from . import ProtocolError, Reader
 
@@ -77,12 +81,12 @@ class Tally:
         """Count the events in ``messages`` (one event's JSON each)."""
         self.events += len(messages)
         symbols = self.symbols
-        loads = orjson.loads
+        loads = _loads
         for message in messages:
             try:
                 event = loads(message)
                 kind = event["ev"]
-            except (orjson.JSONDecodeError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError):  # JSONDecodeError is a ValueError
                 self.invalid += 1
                 continue
             if kind != "T":

@@ -1,0 +1,224 @@
+"""One connection to the feed, from the connect to the close: transport and protocol together.
+
+Owns one attempt: the Connector while the connection opens (transport/), then the Transport and
+the Feed over it (feed.py): moving bytes between them, receiving a batch into the caller's
+buffer, sending what the protocol queues, and, whatever ends the attempt (a refused connect, a
+broken socket, the feed closing, a protocol error), one ``Outcome`` that says why. Must not
+touch: the pipes, the workers, the reconnect policy; the service asks ``outcome()`` once a turn
+and decides there whether and when to connect again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import selectors
+from collections.abc import Callable
+
+from .config import FeedConfig
+from .errors import TradeBalancerError, TransportError
+from .feed import Feed, Outcome
+from .transport import Connector, Transport
+
+__all__ = ["FeedConnection", "Outcome"]
+
+logger = logging.getLogger(__name__)
+
+
+# The forwarder's method: messages in, the status events found among them out.
+Forward = Callable[[list[bytes], float], list[bytes]]
+
+
+class FeedConnection:
+    """One attempt at the feed: connecting, then open, then over (``outcome`` says why)."""
+
+    def __init__(self, config: FeedConfig, api_key: str, now: float, *, paused: bool) -> None:
+        self.config = config
+        self._api_key = api_key
+        self._paused = paused
+        self.transport: Transport | None = None
+        self.feed: Feed | None = None
+        self._failure: TradeBalancerError | None = None  # ended it before the feed's own end
+        self.tls = "-"  # "kernel", "user", "kernel tx/user rx", "none" once connected
+        self.fallback_reason: str | None = None
+        logger.debug("connecting to %s:%d", config.host, config.port)
+        self._connector: Connector | None = Connector(
+            config.host,
+            config.port,
+            tls=config.secure,
+            tls_mode=config.tls,
+            ca_file=config.ca_file,
+            server_hostname=config.server_hostname,
+            timeout=config.connect_timeout,
+            now=now,
+        )
+        self._step_connector(now)
+
+    # -- what the loop polls ---------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """ "connecting", "connected" (websocket handshake under way) or "streaming"."""
+        if self.feed is None:
+            return "connecting"
+        return "streaming" if self.feed.streaming else "connected"
+
+    def fileno(self) -> int:
+        """The fd to poll; -1 once the attempt is over."""
+        if self._connector is not None:
+            return self._connector.fileno()
+        return self.transport.fileno() if self.transport is not None else -1
+
+    def events(self) -> int:
+        """What ``fileno()`` must be polled for now (0: nothing, e.g. reading is paused)."""
+        if self._failure is not None:
+            return 0
+        if self._connector is not None:
+            return self._connector.events()
+        assert self.transport is not None
+        mask = 0 if self._paused else selectors.EVENT_READ
+        return mask | (selectors.EVENT_WRITE if self.transport.wants_write() else 0)
+
+    def deadline(self) -> float | None:
+        """When ``tick`` has something to do (a connect timeout, a ping), or None."""
+        if self._connector is not None:
+            return self._connector.deadline
+        return self.feed.next_deadline() if self.feed is not None else None
+
+    # -- what the loop does when the fd is ready, or at the deadline -----------------------
+
+    def writable(self, now: float) -> None:
+        """The socket can take more: flush what is queued (or step the connect)."""
+        if self._connector is not None:
+            self._step_connector(now)
+        elif self.transport is not None and self._failure is None:
+            try:
+                self.transport.flush()
+            except TransportError as exc:
+                self._fail(exc)
+
+    def receive(self, buffer: memoryview, now: float, forward: Forward) -> bool:
+        """Read once into ``buffer`` and hand the messages it completed to ``forward``.
+
+        One read is one batch. The status events ``forward`` finds inside data frames come
+        back here and go to the feed. Returns whether another read may bring more.
+        """
+        if self._connector is not None:
+            self._step_connector(now)
+            return False
+        transport, feed = self.transport, self.feed
+        assert transport is not None and feed is not None
+        if self._failure is not None:
+            return False
+        again = False
+        try:
+            count = transport.receive_into(buffer)
+        except BlockingIOError:
+            return False
+        except TransportError as exc:
+            self._fail(exc)
+        else:
+            if count == 0:
+                feed.receive_eof(now)
+            else:
+                feed.receive_data(buffer[:count], now)
+                again = not feed.closed
+        messages = feed.messages_received()
+        if messages:
+            for event in forward(messages, now):
+                feed.receive_status(event, now)
+        self.send_pending()  # pongs, close replies, answers to status events
+        return again
+
+    def tick(self, now: float) -> None:
+        """Run the timers: the connect timeout, or the feed's keepalive."""
+        if self._connector is not None:
+            if now >= self._connector.deadline:
+                self._step_connector(now)  # it says it timed out, and in which phase
+        elif self.feed is not None:
+            self.feed.tick(now)
+            self.send_pending()
+
+    def pause(self, paused: bool) -> None:
+        """Stop (or go back to) reading the socket: backpressure from the pipes."""
+        self._paused = paused
+        if self.feed is not None:
+            self.feed.pause(paused)
+
+    def send_pending(self) -> None:
+        """Hand what the protocol queued to the transport."""
+        feed, transport = self.feed, self.transport
+        if feed is None or transport is None or self._failure is not None:
+            return
+        try:
+            for data in feed.data_to_send():
+                if data:  # b"" asks for a half-close: the socket is closed as a whole instead
+                    transport.send(data)
+        except TransportError as exc:  # the peer went away (EPIPE, ECONNRESET)
+            self._fail(exc)
+
+    # -- the end ---------------------------------------------------------------------------
+
+    def outcome(self, now: float) -> Outcome | None:
+        """None while the attempt goes on; why it is over once it is."""
+        failure, feed = self._failure, self.feed
+        if failure is not None:
+            reason = str(failure) if feed is not None else f"cannot connect: {failure}"
+            streamed = feed.streamed(now) if feed is not None else 0.0
+            return Outcome(reason, failure, False, streamed)
+        return feed.outcome(now) if feed is not None else None
+
+    def close(self) -> None:
+        """End the attempt: a close frame if the socket still takes it, then the socket."""
+        if self._connector is not None:
+            self._connector.close()
+            self._connector = None
+        feed, transport = self.feed, self.transport
+        if transport is None:
+            return
+        if feed is not None:
+            feed.close()
+            # A peer that is gone already (EPIPE, ECONNRESET) is what we are closing on.
+            with contextlib.suppress(TransportError):
+                for data in feed.data_to_send():
+                    if data:
+                        transport.send(data)
+        transport.close()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _step_connector(self, now: float) -> None:
+        connector = self._connector
+        assert connector is not None
+        try:
+            transport = connector.step(now)
+        except TransportError as exc:  # KernelTLSUnavailable included: the service decides
+            self._connector = None
+            self._failure = exc
+            return
+        if transport is not None:
+            self._connector = None
+            self._open(transport, now)
+
+    def _open(self, transport: Transport, now: float) -> None:
+        config = self.config
+        self.transport = transport
+        tx, rx = str(transport.tx_mode), str(transport.rx_mode)
+        self.tls = tx if tx == rx else f"{tx} tx/{rx} rx"
+        self.fallback_reason = transport.fallback_reason
+        logger.info("connected to %s (TLS: %s)", transport.address, self.tls)
+        self.feed = Feed(
+            config.url,
+            self._api_key,
+            config.subscribe,
+            now=now,
+            max_message_size=config.max_message_size,
+            ping_interval=config.ping_interval,
+            ping_timeout=config.ping_timeout,
+        )
+        self.feed.pause(self._paused)
+        self.send_pending()
+
+    def _fail(self, exc: TradeBalancerError) -> None:
+        if self._failure is None:
+            self._failure = exc
