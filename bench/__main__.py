@@ -224,9 +224,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     shares = ", ".join(
                         f"{stage} {ns:.0f}" for stage, ns in costs[pipes][-1].ns_per_trade.items()
                     )
-                    python = costs[pipes][-1].split_python
+                    cost = costs[pipes][-1]
                     progress(
-                        f"stages, {pipes} pipes, ns/trade: {shares}; Python split {python:.0f}"
+                        f"stages, {pipes} pipes, ns/trade: {shares}; of split, the JSON check "
+                        f"{cost.validate:.0f}; Python split {cost.split_python:.0f}"
                     )
         extra: dict[str, object] = {}
         if not args.no_strict:
@@ -249,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 },
                 "total": measure.median([c.total for c in found]),
                 "split_python": measure.median([c.split_python for c in found]),
+                "validate": measure.median([c.validate for c in found]),
             }
             for pipes, found in costs.items()
         }

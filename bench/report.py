@@ -311,7 +311,8 @@ def _render_extras(summary: Mapping[str, object]) -> list[str]:
             )
             out.append(
                 f"  {pipes:>3} pipes: {parts}; total {_number(cost['total'])}"
-                f" (split without the C router: {_number(cost.get('split_python'))})"
+                f" (of split, the JSON check: {_number(cost.get('validate'))}; split without "
+                f"the C router: {_number(cost.get('split_python'))})"
             )
     strict = summary.get("strict")
     if isinstance(strict, dict):

@@ -14,7 +14,9 @@ stage timed on its own:
   wake-up is not in it.
 
 Beside the stages, ``split_python`` times the same routing with the C router off (the Python
-fast path the service falls back to when the extension is not built), for the ratio.
+fast path the service falls back to when the extension is not built), for the ratio, and
+``validate`` the router's JSON check on its own (``valid_ascii_json`` over every message): the
+part of ``split`` that keeps invalid JSON from the workers.
 
 The sum is a floor for the service's CPU per trade; what the service spends above it goes to
 the event loop, ``recv_into``, waking the workers, page faults and caches shared with the
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from websockets.http11 import Request
 from websockets.server import ServerProtocol
 
+from tradebalancer._fastsplit import valid_ascii_json
 from tradebalancer.feed import Feed
 from tradebalancer.pipes import pipe_max_size
 from tradebalancer.replay.stream import AUTH_SUCCESS, CONNECTED, frame_header, status
@@ -54,6 +57,7 @@ class StageCost:
     trades: int
     ns_per_trade: dict[str, float]
     split_python: float  # ns per trade of the split stage without the C router
+    validate: float  # ns per trade of the router's JSON check alone (part of split)
 
     @property
     def total(self) -> float:
@@ -103,7 +107,7 @@ def measure(wire: Wire, pipes: int) -> StageCost:
     if not splitter.accelerated:
         raise RuntimeError("the C router is not built: pip install -e . builds it")
     python = Splitter(pipes, accelerate=False)
-    python_spent = 0
+    python_spent = validate_spent = 0
     out: list[list[bytes]] = [[] for _ in range(pipes)]
     status_events: list[bytes] = []
     ends = [os.pipe() for _ in range(pipes)]
@@ -141,6 +145,11 @@ def measure(wire: Wire, pipes: int) -> StageCost:
             for message in messages:
                 python.route(message, out, status_events)
             python_spent += clock() - started
+            started = clock()
+            for message in messages:
+                if not valid_ascii_json(message):
+                    raise RuntimeError(f"the feed's own frame fails the check: {message[:80]!r}")
+            validate_spent += clock() - started
             for chunks in out:
                 chunks.clear()
             for read_fd, _ in ends:  # untimed: the sinks' part
@@ -157,5 +166,9 @@ def measure(wire: Wire, pipes: int) -> StageCost:
     if trades != wire.trades:
         raise RuntimeError(f"routed {trades} trades of {wire.trades}")
     return StageCost(
-        pipes, trades, {stage: spent[stage] / trades for stage in STAGES}, python_spent / trades
+        pipes,
+        trades,
+        {stage: spent[stage] / trades for stage in STAGES},
+        python_spent / trades,
+        validate_spent / trades,
     )

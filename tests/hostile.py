@@ -1,23 +1,28 @@
-"""A hostile feed server for tests: the feed's real handshake, or a stall at any step of it.
+"""A hostile feed server for tests: the feed's real handshake, its variants, stalls, and misdeeds.
 
 ``HostileFeed`` listens on 127.0.0.1 (ws://, or wss:// with a certificate) and serves each
 connection in a thread of its own, in plain blocking code, with websockets' sans-I/O
-``ServerProtocol`` for the framing. What it does is a ``Script``: where to stop answering
-(``stall_at``), and otherwise the frames to stream once the client has subscribed. It records
-how far each connection got (``reached``), so a test can act at a known step of the client.
+``ServerProtocol`` for the framing. What it does is a ``Script``: the words of its greeting,
+auth reply and confirmations, the channels it refuses, where to stop answering (``stall_at``),
+what to do before the greeting (pings, say), and the actions once the client has subscribed:
+text frames, fragments with pings between them, frames dribbled a byte at a time, status
+messages, close frames, a TCP reset in the middle of a frame, pauses. It records how far each
+connection got (``reached``, ``passed``) and every data frame it sent in full while the client
+was connected (``sent``), so a test can check what must have been delivered.
 
-It depends on the tradebalancer package only for its synthetic trades, so the Debian guest
-can run it with the package's own Python.
+It depends on websockets alone, so the Debian guest can run it with the package's own Python.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import ssl
+import struct
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from websockets.frames import Frame, Opcode
@@ -30,15 +35,33 @@ AUTH_SUCCESS = b'[{"ev":"status","status":"auth_success","message":"authenticate
 # The steps of a connection, in order; ``stall_at`` names the one the server never answers.
 STEPS = ("accept", "tls", "upgrade", "greeting", "auth", "subscribe", "stream")
 
+# An action: ("text", frame), ("fragments", frame, pieces), ("fragments+pings", frame, pieces),
+# ("dribble", frame), ("status", message), ("ping", payload), ("close", code, reason),
+# ("reset-mid-frame", frame), ("fin",) (a TCP FIN, no close frame), ("sleep", seconds),
+# ("hold",).
+Action = tuple[object, ...]
+
+
+def status(kind: str, message: str) -> bytes:
+    """One status message of the feed."""
+    return json.dumps([{"ev": "status", "status": kind, "message": message}]).encode()
+
 
 @dataclass
 class Script:
     """What the server does with each connection."""
 
     stall_at: str | None = None  # a STEPS name: everything before it is answered, it is not
-    frames: Sequence[bytes] = ()  # data messages sent once subscribed, then a close (1000)
+    frames: Sequence[bytes] = ()  # data messages sent once subscribed (after ``actions``)
     frame_interval: float = 0.0  # seconds between two data messages
-    close_after_stream: bool = True
+    close_after_stream: bool = True  # a close frame (1000) after the frames
+    greeting: bytes = CONNECTED
+    auth_reply: bytes = AUTH_SUCCESS
+    confirm: str = "each"  # "each", "grouped" (one message), "casefold", "reversed", "none"
+    refuse: frozenset[str] = frozenset()  # channels answered with an error status instead
+    before_greeting: Sequence[Action] = ()  # e.g. pings while the client waits for it
+    actions: Sequence[Action] = ()  # once subscribed, before ``frames``
+    replay: bool = True  # False: only the first connection streams; the next ones stay silent
 
 
 @dataclass
@@ -51,6 +74,7 @@ class HostileFeed:
     reached: list[str] = field(default_factory=list)  # per connection, in order: its last step
     passed: set[str] = field(default_factory=set)  # every step some connection reached
     errors: list[str] = field(default_factory=list)  # what broke a connection's thread, if not I/O
+    sent: list[bytes] = field(default_factory=list)  # every data frame sent whole, in order
 
     def __post_init__(self) -> None:
         self._listener = socket.create_server(("127.0.0.1", 0), backlog=16)
@@ -133,6 +157,7 @@ class HostileFeed:
             self.errors.append(f"{type(exc).__name__}: {exc}")
 
     def _converse(self, sock: socket.socket) -> None:
+        script = self.script
         with self._step:
             index = len(self.reached)
             self.reached.append("accept")
@@ -150,33 +175,97 @@ class HostileFeed:
         connection.accept(request)
         if not self._reach(index, "greeting"):
             return self._hold(sock)
-        connection.send_text(CONNECTED)
+        for action in script.before_greeting:
+            self._act(connection, action)
+        connection.send_text(script.greeting)
         connection.message()  # auth
         if not self._reach(index, "auth"):
             return self._hold(sock)
-        connection.send_text(AUTH_SUCCESS)
+        connection.send_text(script.auth_reply)
         subscribe = connection.message()
         if not self._reach(index, "subscribe"):
             return self._hold(sock)
-        for channel in _params(subscribe):
-            connection.send_text(
-                b'[{"ev":"status","status":"success","message":"subscribed to: %s"}]'
-                % channel.encode()
-            )
-        if not self._reach(index, "stream"):
-            return self._hold(sock)
-        for frame in self.script.frames:
+        self._answer(connection, _params(subscribe))
+        if not self._reach(index, "stream") or (index > 0 and not script.replay):
+            return self._hold(sock, connection)
+        for action in script.actions:
+            if self._act(connection, action):
+                return None
+        for frame in script.frames:
             if self._stopping.is_set():
                 return None
             connection.send_text(frame)
-            if self.script.frame_interval:
-                time.sleep(self.script.frame_interval)
-        if self.script.close_after_stream:
+            self.sent.append(frame)
+            if script.frame_interval:
+                time.sleep(script.frame_interval)
+        if script.close_after_stream:
             connection.close(1000, "end of script")
-        return self._hold(sock)
+        return self._hold(sock, connection)
 
-    def _hold(self, sock: socket.socket) -> None:
-        """Keep the connection open and unanswered until the client goes or the server stops."""
+    def _answer(self, connection: _Connection, channels: list[str]) -> None:
+        """Confirm (in the script's words) or refuse each subscribed channel."""
+        script = self.script
+        refused = [c for c in channels if c in script.refuse]
+        kept = [c for c in channels if c not in script.refuse]
+        for channel in refused:
+            connection.send_text(status("error", f"not authorized to subscribe to {channel}"))
+        if script.confirm == "none" or not kept:
+            return
+        if script.confirm == "grouped":
+            connection.send_text(status("success", f"subscribed to: {', '.join(kept)}"))
+            return
+        if script.confirm == "reversed":
+            kept.reverse()
+        for channel in kept:
+            shown = channel.swapcase() if script.confirm == "casefold" else channel
+            connection.send_text(status("success", f"subscribed to: {shown}"))
+
+    def _act(self, connection: _Connection, action: Action) -> bool:
+        """Do one action; True if the connection is over after it."""
+        kind = action[0]
+        if kind == "text":
+            connection.send_text(action[1])  # type: ignore[arg-type]
+            self.sent.append(action[1])  # type: ignore[arg-type]
+        elif kind == "status":
+            connection.send_text(action[1])  # type: ignore[arg-type]
+        elif kind in ("fragments", "fragments+pings"):
+            frame, pieces = action[1], action[2]
+            connection.send_fragments(frame, pieces, pings=kind == "fragments+pings")  # type: ignore[arg-type]
+            self.sent.append(frame)  # type: ignore[arg-type]
+        elif kind == "dribble":
+            connection.send_text(action[1], dribble=True)  # type: ignore[arg-type]
+            self.sent.append(action[1])  # type: ignore[arg-type]
+        elif kind == "ping":
+            connection.ping(action[1])  # type: ignore[arg-type]
+        elif kind == "sleep":
+            time.sleep(action[1])  # type: ignore[arg-type]
+        elif kind == "close":
+            connection.close(action[1], action[2])  # type: ignore[arg-type]
+            self._hold(connection.sock)
+            return True
+        elif kind == "reset-mid-frame":
+            connection.reset_mid_frame(action[1])  # type: ignore[arg-type]
+            return True
+        elif kind == "fin":
+            connection.sock.shutdown(socket.SHUT_WR)
+            self._hold(connection.sock)
+            return True
+        elif kind == "hold":
+            self._hold(connection.sock, connection)
+            return True
+        else:
+            raise ValueError(f"unknown action {kind!r}")
+        return False
+
+    def _hold(self, sock: socket.socket, connection: _Connection | None = None) -> None:
+        """Keep the connection open until the client goes or the server stops: silent, or,
+        with the websocket open (``connection``), answering pings and nothing else."""
+        if connection is not None:
+            with contextlib.suppress(OSError, ssl.SSLError, EOFError):
+                while not self._stopping.is_set():
+                    connection.answer_pings()
+                    time.sleep(0.05)
+            return
         with contextlib.suppress(OSError, ssl.SSLError):
             sock.settimeout(0.2)
             while not self._stopping.is_set():
@@ -192,7 +281,7 @@ class _Connection:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.protocol = ServerProtocol()
+        self.protocol = ServerProtocol(max_size=None)
         self._events: list[object] = []
 
     def _next_event(self) -> object:
@@ -220,22 +309,72 @@ class _Connection:
             if isinstance(event, Frame) and event.opcode is Opcode.TEXT:
                 return bytes(event.data)
 
-    def send_text(self, data: bytes) -> None:
+    def send_text(self, data: bytes, *, dribble: bool = False) -> None:
+        self.answer_pings()
         self.protocol.send_text(data)
+        self._flush(dribble=dribble)
+
+    def answer_pings(self) -> None:
+        """Take what the client sent meanwhile, without waiting: its pings get their pongs
+        between two of our frames, as a server that streams still answers them."""
+        self.sock.setblocking(False)
+        try:
+            while True:
+                try:
+                    data = self.sock.recv(65536)
+                except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    return
+                if not data:
+                    raise EOFError
+                self.protocol.receive_data(data)
+                self._events += self.protocol.events_received()
+        finally:
+            self.sock.setblocking(True)
+            self._flush()
+
+    def send_fragments(self, data: bytes, pieces: int, *, pings: bool) -> None:
+        """``data`` as one message of ``pieces`` frames, a ping between two if ``pings``."""
+        size = -(-len(data) // pieces)
+        chunks = [data[i : i + size] for i in range(0, len(data), size)]
+        for number, chunk in enumerate(chunks):
+            last = number == len(chunks) - 1
+            if number == 0:
+                self.protocol.send_text(chunk, fin=last)
+            else:
+                self.protocol.send_continuation(chunk, fin=last)
+            if pings and not last:
+                self.protocol.send_ping(b"between %d" % number)
+            self._flush()
+
+    def ping(self, payload: bytes) -> None:
+        self.protocol.send_ping(payload)
         self._flush()
 
     def close(self, code: int, reason: str) -> None:
         self.protocol.send_close(code, reason)
         self._flush()
 
-    def _flush(self) -> None:
+    def reset_mid_frame(self, data: bytes) -> None:
+        """Half of a text frame, then a TCP reset (SO_LINGER 0): the frame never completes."""
+        self.protocol.send_text(data)
+        wire = b"".join(self.protocol.data_to_send())
+        self.sock.sendall(wire[: len(wire) // 2])
+        time.sleep(0.2)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+    def _flush(self, *, dribble: bool = False) -> None:
         for data in self.protocol.data_to_send():
-            if data:
+            if not data:
+                continue
+            if not dribble:
                 self.sock.sendall(data)
+                continue
+            for offset in range(len(data)):  # a byte at a time, as a slow proxy might
+                self.sock.sendall(data[offset : offset + 1])
+                time.sleep(0.0005)
 
 
-def _params(message: bytes) -> Iterator[str]:
-    import json
-
+def _params(message: bytes) -> list[str]:
     params = json.loads(message).get("params", "")
-    return (p.strip() for p in str(params).split(",") if p.strip())
+    return [p.strip() for p in str(params).split(",") if p.strip()]

@@ -21,7 +21,8 @@ LAYERS: list[list[str]] = [
     ["tradebalancer"],
     # leaves: no logic of the service (the C router is split.py's loop)
     ["errors", "units", "routing", "spans", "backoff", "systemd", "_fastsplit"],
-    ["signals", "command", "stats", "transport.keys", "transport.kernel"],
+    ["signals", "command", "stats", "handshake", "subscriptions", "transport.keys"],
+    ["transport.kernel"],
     # the parts, each sans-I/O or the owner of one kind of fd
     [
         "config",

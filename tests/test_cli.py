@@ -110,3 +110,24 @@ def test_usage_errors_exit_64_and_version_prints() -> None:
         [sys.executable, "-m", "tradebalancer", "--version"], capture_output=True, text=True
     )
     assert version.stdout.startswith("tradebalancer 0.")
+
+
+def test_two_feeds_with_one_key_on_one_cluster_are_flagged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """check-config warns when two feeds would take the stream from each other."""
+    key = tmp_path / "key"
+    key.write_text("the-one-key\n")
+    config = tmp_path / "two.toml"
+    config.write_text(
+        f'[defaults]\ncommand = ["worker"]\napi_key_file = "{key}"\n'
+        '[feeds.a]\nurl = "wss://socket.example/stocks"\n'
+        '[feeds.b]\nurl = "wss://socket.example/stocks"\n'
+        '[feeds.c]\nurl = "wss://socket.example/options"\n'
+    )
+    assert main(["--config", str(config), "check-config"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "warning: feeds.a and feeds.b connect to wss://socket.example/stocks with the same" in out
+    )
+    assert "feeds.c and" not in out and "and feeds.c" not in out

@@ -7,6 +7,7 @@ nothing appended) what it must leave to Python, and it never reads past a frame.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -24,7 +25,7 @@ from test_split import (
 )
 
 from tradebalancer import split
-from tradebalancer._fastsplit import Router
+from tradebalancer._fastsplit import Router, valid_ascii_json
 from tradebalancer.reader.format import LIMIT
 from tradebalancer.routing import DEFAULT_ROUTE_KEYS, pipe_for
 from tradebalancer.split import Splitter
@@ -38,7 +39,7 @@ def router(pipes: int = 7, **route_keys: str) -> Router:
 def exact(frame: bytes, pipes: int) -> list[list[bytes]]:
     """Each pipe's events as the exact (slow) path routes ``frame``."""
     out = new_out(pipes)
-    Splitter(pipes, accelerate=False)._route_slow(frame, out, [])
+    Splitter(pipes, accelerate=False)._route_slow(frame, orjson.loads(frame), out, [])
     return pipe_events(out)
 
 
@@ -63,7 +64,10 @@ def test_appends_one_chunk_per_pipe_and_frame() -> None:
         b'[{"ev":"T","sym":"A","p":1}, {"ev":"Q","p":2,"sym":"B"}]',
         b' [ {"p":1 , "sym" : "A", "ev" : "T"} ]\n',
         b'[{"ev":"T","sym":"A","c":[14,41],"n":{"x":[{"y":"}]"}]}}]',
-        b'[{"ev":"T","sym":"A","n":' + b"[" * 65 + b"]" * 65 + b"}]",
+        b'[{"ev":"T","sym":"A","n":'
+        + b"[" * 64
+        + b"]" * 64
+        + b"}]",  # MAX_DEPTH: deeper goes to Python
         b'[{"ev":"T","sym":"A","s":"\\"},{\\"ev\\":\\"T\\""}]',
         b'[{"ev":"T","sym":"A","sym":"B"},{"ev":"LULD","T":"C"},{"ev":"XT","pair":"D"}]',
         b'[{"ev":"T","sym":""},{"ev":"NEW","sym":"E"},{"ev":"","sym":"F"}]',
@@ -264,3 +268,85 @@ def test_any_bytes_are_routed_or_declined(frame: bytes) -> None:
         assert out == new_out(3)
     else:
         assert sum(map(len, pipe_events(out))) == count
+
+
+JSONISH = st.text(alphabet='0123456789+-.eE"\\/nrtbfu ufalsNaI{}[],:x\x00\x01\x1f\x7f', max_size=14)
+
+
+@given(JSONISH, st.booleans())
+@settings(max_examples=2000)
+def test_the_c_router_takes_only_frames_orjson_takes(value: str, layout: bool) -> None:
+    """Whatever member value (numbers, literals, strings, escapes, junk): valid JSON or declined."""
+    member = b'"v":' + value.encode()
+    head = b'{"ev":"T","sym":"A",' if layout else b'{"v0":1,"sym":"A","ev":"T",'
+    frame = b"[" + head + member + b"}]"
+    out: list[list[bytes]] = [[] for _ in range(4)]
+    routed = router(4).route(frame, out)
+    try:
+        parsed = orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if routed >= 0:
+        assert isinstance(parsed, list) and all(isinstance(event, dict) for event in parsed)
+        assert routed == len(parsed)
+    else:
+        assert out == [[] for _ in range(4)]
+
+
+def orjson_takes(text: bytes) -> bool:
+    try:
+        orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
+def left_to_orjson(text: str) -> bool:
+    """What the C check leaves to orjson on purpose: a surrogate escape, a number past 1e308."""
+
+    def huge(value: object) -> bool:
+        if isinstance(value, list):
+            return any(map(huge, value))
+        if isinstance(value, dict):
+            return any(map(huge, value.values()))
+        return isinstance(value, int | float) and abs(value) >= 1e308
+
+    surrogate = re.search(r"\\u[dD][89a-fA-F]", text) is not None
+    return surrogate or huge(orjson.loads(text))
+
+
+@given(JSONISH | json_values.map(lambda value: orjson.dumps(value).decode()))
+@settings(max_examples=3000)
+def test_the_c_check_is_orjsons_on_ascii(text: str) -> None:
+    """The router's check alone, on ASCII text: valid exactly where orjson parses, but for what
+    it leaves to orjson on purpose."""
+    data = text.encode()
+    if valid_ascii_json(data):
+        assert orjson_takes(data)
+    elif orjson_takes(data) and data.isascii():
+        assert left_to_orjson(text), text
+
+
+def test_the_c_check_refuses_each_kind_of_invalid_json() -> None:
+    """One of each kind the feed-edges issue found forwarded byte for byte."""
+    for text in (
+        b"18x7",
+        b"tru",
+        b'{"a":1,}',
+        b'"\x00"',
+        b'"a\x01"',
+        b"{a:1}",
+        b'"\\x41"',
+        b"NaN",
+        b"[1 2]",
+        b"01",
+        b"-",
+        b"1.",
+        b".5",
+        b"[",
+        b'"\\ud800"',
+        b"",
+    ):
+        assert not valid_ascii_json(text), text
+    for text in (b"0", b"-0.5e-3", b'"\\u00e9"', b" [ {} , [] , null ] ", b'{"a":[true,false]}'):
+        assert valid_ascii_json(text), text

@@ -9,7 +9,8 @@ from websockets.http11 import Request
 from websockets.server import ServerProtocol
 
 from tradebalancer.errors import AuthError, FeedError
-from tradebalancer.feed import ANY, HANDSHAKE, Action, Feed, Outcome, Phase, transition
+from tradebalancer.feed import Feed, Outcome
+from tradebalancer.handshake import ANY, HANDSHAKE, Action, Meaning, Phase, meaning, transition
 
 URL = "wss://socket.example.test/stocks"
 CONNECTED = b'[{"ev":"status","status":"connected","message":"Connected Successfully"}]'
@@ -301,19 +302,25 @@ def test_invalid_url_is_a_feed_error(url: str) -> None:
 
 # -- the handshake, driven by its own table ---------------------------------------------------
 
-STATUS_MESSAGES = {
-    "connected": "Connected Successfully",
-    "auth_success": "authenticated",
-    "success": "subscribed to: T.*",
-    "auth_failed": "authentication failed",
-    "max_connections": "Maximum number of websocket connections exceeded",
-    "error": "something broke",
-    "auth_timeout": "authentication timed out",
-}
+# The status events a feed may send, in the words Massive and its older versions used.
+STATUS_EVENTS = [
+    ("connected", "Connected Successfully"),
+    ("success", "Connected Successfully"),
+    ("auth_success", "authenticated"),
+    ("authenticated", "authenticated"),
+    ("success", "authenticated"),
+    ("success", "subscribed to: T.*"),
+    ("success", "Subscribed to: t.*"),
+    ("auth_failed", "authentication failed"),
+    ("max_connections", "Maximum number of websocket connections exceeded"),
+    ("error", "something broke"),
+    ("auth_timeout", "authentication timed out"),
+    ("info", "just so you know"),
+]
 
 
 def feed_in(phase: Phase) -> tuple[Feed, Peer]:
-    """A feed whose conversation stands at ``phase`` (one subscription left to confirm)."""
+    """A feed on one channel, T.*, whose conversation stands at ``phase``."""
     feed = Feed(URL, "sekrit-key", ["T.*"], now=0.0)
     peer = Peer(feed)
     steps = {
@@ -335,40 +342,100 @@ SENT_BY = {
 
 
 @pytest.mark.parametrize(
-    ("phase", "status"),
+    ("phase", "status", "message"),
     [
-        (phase, status)
+        (phase, status, message)
         for phase in (Phase.CONNECTING, Phase.AUTHENTICATING, Phase.SUBSCRIBING, Phase.STREAMING)
-        for status in [*STATUS_MESSAGES, "info"]
+        for status, message in STATUS_EVENTS
     ],
 )
-def test_every_status_in_every_phase_does_what_the_table_says(phase: Phase, status: str) -> None:
-    """Each (phase, status): the table's action is taken and the table's next phase reached."""
-    action, expected = transition(phase, status)
-    if (phase, status) in HANDSHAKE:
-        assert HANDSHAKE[phase, status] == (action, expected)
-    elif (ANY, status) in HANDSHAKE:
-        assert HANDSHAKE[ANY, status] == (action, expected)
-    else:
-        assert (action, expected) == (Action.NOTE, phase)
+def test_every_status_in_every_phase_does_what_the_table_says(
+    phase: Phase, status: str, message: str
+) -> None:
+    """Each (phase, status): its meaning's action in the table is taken, its next phase reached."""
+    meant = meaning(phase, status, message)
+    action, expected = transition(phase, meant)
+    row = HANDSHAKE.get((phase, meant)) or HANDSHAKE.get((ANY, meant))
+    assert (action, expected) == (row if row is not None else (Action.NOTE, phase))
     feed, peer = feed_in(phase)
     sent_before = len(peer.received)
-    message = STATUS_MESSAGES.get(status, "just so you know")
     peer.send(orjson.dumps([{"ev": "status", "status": status, "message": message}]), 7.0)
     sent = [orjson.loads(data) for data in peer.received[sent_before:]]
-    if action in SENT_BY:
-        assert sent == [SENT_BY[action]]
-    else:
-        assert sent == []
-    if action is Action.CONFIRM:  # the last subscription confirmed: streaming
-        assert feed.phase is Phase.STREAMING and feed.streamed(10.0) == 3.0
-    else:
-        assert feed.phase is expected
+    assert sent == ([SENT_BY[action]] if action in SENT_BY else [])
     outcome = feed.outcome(7.0)
     if expected is Phase.CLOSED:
+        assert feed.phase is Phase.CLOSED
         assert outcome is not None and outcome.error is not None
         assert isinstance(outcome.error, AuthError) == (action is Action.REFUSE_KEY)
         assert outcome.cooldown == (action is Action.COOL_DOWN)
-        assert message in outcome.reason or action is Action.REFUSE_KEY
+        assert message in outcome.reason
+        return
+    assert outcome is None
+    if action is Action.CONFIRM and phase is Phase.SUBSCRIBING:  # the one channel: streaming
+        assert feed.phase is Phase.STREAMING and feed.streamed(10.0) == 3.0
     else:
-        assert outcome is None
+        assert feed.phase is expected
+    if action is Action.REFUSE_CHANNEL and phase is Phase.SUBSCRIBING:
+        assert feed.refused() == {"T.*": message}  # the one channel waiting
+
+
+@pytest.mark.parametrize(
+    ("phase", "status", "message", "meant"),
+    [
+        (Phase.CONNECTING, "connected", "Connected Successfully", Meaning.GREETING),
+        (Phase.CONNECTING, "success", "Connected Successfully", Meaning.GREETING),
+        (Phase.AUTHENTICATING, "success", "authenticated", Meaning.AUTH_OK),
+        (Phase.AUTHENTICATING, "authenticated", "", Meaning.AUTH_OK),
+        (Phase.AUTHENTICATING, "auth_success", "authenticated", Meaning.AUTH_OK),
+        (Phase.SUBSCRIBING, "success", "subscribed to: T.*,Q.AAPL", Meaning.CONFIRMED),
+        (Phase.STREAMING, "success", "SUBSCRIBED TO: q.aapl", Meaning.CONFIRMED),
+        (Phase.STREAMING, "success", "unsubscribed to: T.*", Meaning.OTHER),
+        (Phase.STREAMING, "error", "not authorized: LULD.*", Meaning.ERROR),
+        (Phase.STREAMING, "bonjour", "", Meaning.OTHER),
+        (Phase.STREAMING, 7, "", Meaning.OTHER),
+    ],
+)
+def test_statuses_are_taken_by_meaning(
+    phase: Phase, status: object, message: str, meant: Meaning
+) -> None:
+    """The greeting, the auth reply and confirmations are recognised in their variants."""
+    assert meaning(phase, status, message) is meant
+
+
+def test_a_status_message_in_any_layout_is_a_status_not_data() -> None:
+    """A confirmation written with spaces (json.dumps' style) is taken as such, not as data."""
+    feed = new_feed()
+    peer = handshake(feed, [])
+    spaced = b'[{"ev": "status", "status": "success", "message": "subscribed to: T.*"}]'
+    peer.send(spaced, 3.0)
+    peer.send(subscribed("Q.AAPL"), 4.0)
+    assert feed.messages_received() == []
+    assert feed.phase is Phase.STREAMING and feed.streamed(5.0) == 1.0
+
+
+def test_a_confirmation_after_the_first_data_ends_the_wait(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Data before the confirmations starts the stream; the late confirmation ends the wait.
+
+    The deadline used to stay, and fire with "no confirmation of" nothing.
+    """
+    feed = new_feed(handshake_timeout=2.0)
+    peer = handshake(feed, [])
+    peer.send(TRADES, 3.0)
+    assert feed.phase is Phase.STREAMING and feed.next_deadline() == 2.0  # since the subscribe
+    peer.send(subscribed("T.*"), 3.5)
+    peer.send(subscribed("Q.AAPL"), 3.6)
+    assert feed.next_deadline() == 10.0  # the keepalive alone
+    feed.tick(9.0)
+    assert "no confirmation" not in caplog.text
+
+
+def test_eof_between_frames_says_no_close_frame_came() -> None:
+    """An end of stream after whole messages is "without a close frame", not a cut message."""
+    feed = new_feed()
+    peer = handshake(feed, ["T.*", "Q.AAPL"])
+    peer.send(TRADES)
+    feed.receive_eof(0.0)
+    assert feed.messages_received() == [TRADES]
+    assert "the feed closed the connection without a close frame" in str(ended(feed).error)

@@ -8,6 +8,7 @@ message it reads). Every test counts and compares every event against the source
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -65,6 +66,8 @@ class Balancer:
         sink_args: str = "",
         key: str = KEY,
         environ: dict[str, str] | None = None,
+        subscribe: str = '["T.*"]',
+        prefix: tuple[str, ...] = (),
     ) -> None:
         self.tmp_path = tmp_path
         self.records = tmp_path / "records"
@@ -80,7 +83,7 @@ class Balancer:
             f"""
 [feeds.feed]
 url = "{url}"
-subscribe = ["T.*"]
+subscribe = {subscribe}
 api_key_file = ""
 pipes = {pipes}
 workers = {workers}
@@ -100,7 +103,11 @@ worker_restart.initial = 0.05
         env.update(environ or {})
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "tradebalancer", "--config", str(config), "run", "feed"],
+                [
+                    *prefix,
+                    sys.executable,
+                    *("-m", "tradebalancer", "--config", str(config), "run", "feed"),
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -313,6 +320,38 @@ def test_ready_comes_while_the_feed_is_down(
     ready = notify_socket.ready()
     assert ready is not None and "STATUS=reconnecting:" in ready
     assert balancer.stop() == 0
+
+
+def test_a_name_whose_first_address_refuses_connects_to_the_next(
+    tmp_path: Path, balancers: list[Balancer]
+) -> None:
+    """A host name with two addresses, the first refusing (as "localhost" is ::1 and then
+    127.0.0.1 on most machines): the connect moves on to the second and streams.
+
+    The second address's socket gets the number of the first, just closed; the loop watched the
+    connection by number, saw "the same fd, the same events" and never registered the new
+    socket with the epoll, so every attempt timed out.
+    """
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) for a private /etc/hosts")
+    hosts = tmp_path / "hosts"
+    hosts.write_text("::1 feed.test\n127.0.0.1 feed.test\n")  # nothing listens on ::1
+    private_hosts = ("unshare", "--mount", "--propagation", "private", "sh", "-c")
+    script = f'mount --bind "{hosts}" /etc/hosts && exec "$@"'
+    events, seed = 2000, 17
+    with ReplayServer(
+        ReplayOptions(accept_keys=frozenset({KEY}), events=events, seed=seed)
+    ) as server:
+        url = server.url.replace("127.0.0.1", "feed.test")
+        assert url != server.url
+        balancer = Balancer(
+            tmp_path, url, pipes=3, workers=1, prefix=(*private_hosts, script, "sh")
+        )
+        balancers.append(balancer)
+        balancer.wait_for(lambda: delivered(balancer, 3) >= events, 60, "every event")
+        assert balancer.stop() == 0
+    assert "timed out" not in balancer.log_text()
+    assert_every_event_once(balancer, expected_streams(events, seed, 3))
 
 
 def test_a_refused_key_exits_77_before_ready(

@@ -35,3 +35,15 @@ def test_status_line_starts_with_the_state_and_shows_the_tls_path() -> None:
         "streaming: wss://socket.massive.com/stocks TLS kernel; 1,000 ev/s, 0.1 MB/s; "
         "backlog 0; reconnects 0, worker restarts 0"
     )
+
+
+def test_the_first_rates_run_from_the_start_and_never_divide_by_nothing() -> None:
+    """The first READY/STATUS line: rates since the start, not a count over a nanosecond."""
+    stats = Stats()
+    stats.events, stats.bytes, stats.frames = 2, 220, 1
+    assert stats.rates(10.0) == {"events": 0.0, "bytes": 0.0, "frames": 0.0}
+    stats = Stats(started_at=10.0)
+    stats.events, stats.bytes, stats.frames = 5000, 550_000, 50
+    assert stats.rates(15.0) == {"events": 1000.0, "bytes": 110_000.0, "frames": 10.0}
+    stats.events += 100
+    assert stats.rates(15.0005) == {"events": 0.0, "bytes": 0.0, "frames": 0.0}

@@ -16,9 +16,11 @@
  *     missing or not a string (the Python slow path counts it as unkeyed);
  *   - a backslash in an event's member names, its type or its key (they would need decoding),
  *     a control byte in its key, or nesting deeper than MAX_DEPTH.
+ *   - anything that is not valid JSON (RFC 8259): a frame is validated whole (valid_json)
+ *     before it is cut, so a broken number, literal, escape or control byte anywhere in it
+ *     sends it to the Python path, which rejects it whole.
  * Names repeat as JSON parsers take them: the last value counts. Strings are skipped exactly
- * (escaped quotes included); members other than "ev" and the route keys are skipped, not
- * validated, as the Python fast path does: a broken number inside an event is forwarded as is.
+ * (escaped quotes included) once the frame is known to be valid.
  *
  * Two scanners: layout_event takes an event that starts as the feed writes it, {"ev":"T",
  * "sym":"...", and cuts the rest sixteen bytes at a step (SSE2; eight with plain integers
@@ -505,10 +507,213 @@ static Py_ssize_t general_event(Router *r, const unsigned char *s, Py_ssize_t i,
     return end;
 }
 
+/*
+ * Validation: the whole frame, before it is cut, against RFC 8259's grammar (the frame is
+ * ASCII here: scan_frame declines anything else, which the Python path validates as UTF-8).
+ * Nothing that is not valid JSON may reach a worker: a number like 18x7, a literal like tru,
+ * a trailing comma, a control byte in a string, an unknown escape, NaN: the frame is declined,
+ * and the Python path rejects it whole. One pass; strings eight bytes at a step (SWAR), the
+ * rest token by token. Returns 1 if s[0:n] is one JSON value with only whitespace around it.
+ */
+
+/* Bytes below 0x20 (control characters), for ASCII bytes. */
+static inline uint64_t control_bytes(uint64_t word)
+{
+    return (word - ONES * 0x20) & ~word & HIGHS;
+}
+
+static const unsigned char ESCAPED[256] = {
+    ['"'] = 1, ['\\'] = 1, ['/'] = 1, ['b'] = 1, ['f'] = 1, ['n'] = 1, ['r'] = 1, ['t'] = 1,
+};
+
+static inline int is_hex(unsigned char c)
+{
+    return (c >= '0' && c <= '9') || ((c | 0x20) >= 'a' && (c | 0x20) <= 'f');
+}
+
+static inline int hex_value(unsigned char c) /* c is a hex digit */
+{
+    return c <= '9' ? c - '0' : (c | 0x20) - 'a' + 10;
+}
+
+/* s[i] is an opening quote: return the index after the closing one, or -1 if invalid. */
+static inline Py_ssize_t valid_string(const unsigned char *s, Py_ssize_t i, Py_ssize_t n)
+{
+    Py_ssize_t j = i + 1;
+    for (;;) {
+        while (j + 8 <= n) {
+            uint64_t word = load8(s + j);
+            uint64_t mask = quote_or_backslash(word) | control_bytes(word);
+            if (mask) {
+                j += first_byte(mask);
+                break;
+            }
+            j += 8;
+        }
+        while (j < n && s[j] != '"' && s[j] != '\\' && s[j] >= 0x20)
+            j++;
+        if (j >= n || s[j] < 0x20)
+            return -1;
+        if (s[j] == '"')
+            return j + 1;
+        /* a backslash: one of \" \\ \/ \b \f \n \r \t, or \u and four hex digits */
+        if (j + 1 >= n)
+            return -1;
+        unsigned char e = s[j + 1];
+        if (ESCAPED[e]) {
+            j += 2;
+        } else if (e == 'u' && j + 5 < n && is_hex(s[j + 2]) && is_hex(s[j + 3]) &&
+                   is_hex(s[j + 4]) && is_hex(s[j + 5])) {
+            /* \uD800-\uDFFF: surrogates, which must pair up; orjson checks that, so the frame
+             * goes to the Python path (they never occur in the feed: it sends plain ASCII) */
+            if (hex_value(s[j + 2]) == 0xd && hex_value(s[j + 3]) >= 8)
+                return -1;
+            j += 6;
+        } else {
+            return -1;
+        }
+    }
+}
+
+static inline int is_digit(unsigned char c)
+{
+    return c >= '0' && c <= '9';
+}
+
+/*
+ * s[i] starts a number: return the index after it, or -1 (RFC 8259 section 6). Also -1, for
+ * the Python path to decide with orjson, for a number whose magnitude reaches 1e308: past
+ * DBL_MAX it is infinity as a double, which orjson refuses, and "the C router changes speed,
+ * never results" (I-JSON, RFC 7493 2.2, keeps numbers within a double's range too).
+ */
+static inline Py_ssize_t valid_number(const unsigned char *s, Py_ssize_t i, Py_ssize_t n)
+{
+    Py_ssize_t digits = 0, zeros = 0; /* integer digits; the fraction's leading zeros if 0.xxx */
+    int nonzero = 0;
+    if (i < n && s[i] == '-')
+        i++;
+    if (i >= n)
+        return -1;
+    if (s[i] == '0') {
+        i++;
+    } else if (s[i] >= '1' && s[i] <= '9') {
+        Py_ssize_t start = i;
+        while (++i < n && is_digit(s[i]))
+            ;
+        digits = i - start;
+        nonzero = 1;
+    } else {
+        return -1;
+    }
+    if (i < n && s[i] == '.') {
+        if (++i >= n || !is_digit(s[i]))
+            return -1;
+        for (; i < n && is_digit(s[i]); i++) {
+            if (!nonzero && s[i] == '0')
+                zeros++;
+            else
+                nonzero = 1;
+        }
+    }
+    long exponent = 0;
+    if (i < n && (s[i] == 'e' || s[i] == 'E')) {
+        int negative = 0;
+        if (++i < n && (s[i] == '+' || s[i] == '-'))
+            negative = s[i++] == '-';
+        if (i >= n || !is_digit(s[i]))
+            return -1;
+        for (; i < n && is_digit(s[i]); i++) {
+            if (exponent < 100000)
+                exponent = exponent * 10 + (s[i] - '0');
+        }
+        if (negative)
+            exponent = -exponent;
+    }
+    /* The decimal exponent of the leading digit: below 308 the value is below DBL_MAX. */
+    long magnitude = digits ? (long)digits - 1 + exponent : exponent - (long)zeros - 1;
+    if (nonzero && magnitude >= 308)
+        return -1;
+    return i;
+}
+
+static inline Py_ssize_t valid_literal(const unsigned char *s, Py_ssize_t i, Py_ssize_t n)
+{
+    static const char *const literals[] = {"true", "false", "null"};
+    for (int k = 0; k < 3; k++) {
+        size_t size = strlen(literals[k]);
+        if ((Py_ssize_t)size <= n - i && memcmp(s + i, literals[k], size) == 0)
+            return i + (Py_ssize_t)size;
+    }
+    return -1;
+}
+
+static int valid_json(const unsigned char *s, Py_ssize_t n)
+{
+    /* '{' or '[' per level: the frame's array and an event's object, then MAX_DEPTH inside */
+    unsigned char open[MAX_DEPTH + 2];
+    int depth = 0;
+    Py_ssize_t i = skip_space(s, 0, n);
+    for (;;) {
+        /* a value at s[i] */
+        if (i >= n)
+            return 0;
+        unsigned char c = s[i];
+        if (c == '{' || c == '[') {
+            if (depth == MAX_DEPTH + 2)
+                return 0;
+            open[depth++] = c;
+            i = skip_space(s, i + 1, n);
+            if (i < n && s[i] == (c == '{' ? '}' : ']')) {
+                depth--;
+                i++;
+                goto after_value;
+            }
+            if (c == '{')
+                goto member_name;
+            continue;
+        }
+        if (c == '"')
+            i = valid_string(s, i, n);
+        else if (c == '-' || is_digit(c))
+            i = valid_number(s, i, n);
+        else
+            i = valid_literal(s, i, n);
+        if (i < 0)
+            return 0;
+    after_value:
+        i = skip_space(s, i, n);
+        if (depth == 0)
+            return i == n;
+        if (i >= n)
+            return 0;
+        if (s[i] == ',') {
+            i = skip_space(s, i + 1, n);
+            if (open[depth - 1] == '{')
+                goto member_name;
+            continue;
+        }
+        if (s[i] != (open[depth - 1] == '{' ? '}' : ']'))
+            return 0;
+        depth--;
+        i++;
+        goto after_value;
+    member_name:
+        if (i >= n || s[i] != '"')
+            return 0;
+        i = valid_string(s, i, n);
+        if (i < 0)
+            return 0;
+        i = skip_space(s, i, n);
+        if (i >= n || s[i] != ':')
+            return 0;
+        i = skip_space(s, i + 1, n);
+    }
+}
+
 /* Find the frame's events into r->events; return their count, DECLINE or FAILED. */
 static Py_ssize_t scan_frame(Router *r, const unsigned char *s, Py_ssize_t n)
 {
-    if (!is_ascii(s, n))
+    if (!is_ascii(s, n) || !valid_json(s, n))
         return DECLINE;
     Py_ssize_t count = 0, layout = 0;
     Py_ssize_t i = skip_space(s, 0, n);
@@ -745,11 +950,33 @@ static PyTypeObject RouterType = {
     .tp_members = Router_members,
 };
 
+/* The router's own check on its own: for the tests, and for make bench's cost of it. */
+static PyObject *fastsplit_valid_ascii_json(PyObject *module, PyObject *arg)
+{
+    (void)module;
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *s = view.buf;
+    int valid = is_ascii(s, view.len) && valid_json(s, view.len);
+    PyBuffer_Release(&view);
+    return PyBool_FromLong(valid);
+}
+
+static PyMethodDef fastsplit_methods[] = {
+    {"valid_ascii_json", fastsplit_valid_ascii_json, METH_O,
+     "valid_ascii_json(buffer) -> bool\n\nWhether buffer is ASCII and valid JSON (RFC 8259), "
+     "as the router checks every frame before it routes a byte of it (False: the router "
+     "leaves the frame to Python, which rejects it or, for UTF-8 beyond ASCII, parses it)."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef fastsplit_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "tradebalancer._fastsplit",
     .m_doc = "The balancer's per-event loop in C: see split.py.",
     .m_size = -1,
+    .m_methods = fastsplit_methods,
 };
 
 PyMODINIT_FUNC PyInit__fastsplit(void)

@@ -143,6 +143,14 @@ def check_config(path: str, names: Sequence[str], *, require_key: bool) -> int:
             sys.stdout.write(f"  warning: {warning}\n")
         for worker in plan.plan_workers(feed, os.environ):
             sys.stdout.write(f"  worker {worker.index}: {' '.join(worker.argv)}\n")
+        for other in loaded.feeds.values():
+            if other.name != feed.name and credentials.share_a_key(feed, other, os.environ):
+                sys.stdout.write(
+                    f"  warning: feeds.{feed.name} and feeds.{other.name} connect to "
+                    f"{feed.url} with the same API key: the feed allows one connection per key "
+                    "and cluster, so they would take the stream from each other in turn "
+                    "(max_connections); give one of them a key of its own\n"
+                )
     return int(ExitCode.OK)
 
 

@@ -100,6 +100,7 @@ class FeedConfig:
     ca_file: str | None
     server_hostname: str | None
     connect_timeout: float
+    handshake_timeout: float
     ping_interval: float
     ping_timeout: float
     max_message_size: int
@@ -286,6 +287,7 @@ def _feed(name: str, values: _Values, base: Path) -> FeedConfig:
         ca_file=ca_file,
         server_hostname=read.optional("server_hostname"),
         connect_timeout=read.number("connect_timeout", 10.0),
+        handshake_timeout=read.number("handshake_timeout", 10.0),
         ping_interval=read.number("ping_interval", 20.0),
         ping_timeout=read.number("ping_timeout", 20.0),
         max_message_size=read.integer("max_message_size", 16 << 20, 65536, None, " (bytes)"),

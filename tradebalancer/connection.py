@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import selectors
+import socket
 from collections.abc import Callable
 
 from .config import FeedConfig
@@ -39,6 +40,7 @@ class FeedConnection:
         self.transport: Transport | None = None
         self.feed: Feed | None = None
         self._failure: TradeBalancerError | None = None  # ended it before the feed's own end
+        self._hung_up = False  # the peer's FIN or reset was noticed while paused
         self.tls = "-"  # "kernel", "user", "kernel tx/user rx", "none" once connected
         self.fallback_reason: str | None = None
         logger.debug("connecting to %s:%d", config.host, config.port)
@@ -58,19 +60,33 @@ class FeedConnection:
 
     @property
     def state(self) -> str:
-        """ "connecting", "connected" (websocket handshake under way) or "streaming"."""
-        if self.feed is None:
+        """The attempt's state: connecting, connected (handshake), streaming, refused (all), or
+        closing (the feed hung up while reading was paused)."""
+        feed = self.feed
+        if feed is None:
             return "connecting"
-        return "streaming" if self.feed.streaming else "connected"
+        if self._hung_up:
+            return "closing"
+        if feed.streaming:
+            return "streaming"
+        return "refused" if feed.subscriptions.all_refused else "connected"
 
-    def fileno(self) -> int:
-        """The fd to poll; -1 once the attempt is over."""
+    def refused_channels(self) -> tuple[str, ...]:
+        """The channels the feed refused on this connection."""
+        return tuple(self.feed.refused()) if self.feed is not None else ()
+
+    def pollable(self) -> socket.socket | None:
+        """The socket to poll; None once the attempt is over.
+
+        A new object whenever the connect moves on (lookup, then each address in turn, then
+        the transport), which may well carry the number of the one it replaces.
+        """
         if self._connector is not None:
-            return self._connector.fileno()
-        return self.transport.fileno() if self.transport is not None else -1
+            return self._connector.pollable()
+        return self.transport.pollable() if self.transport is not None else None
 
     def events(self) -> int:
-        """What ``fileno()`` must be polled for now (0: nothing, e.g. reading is paused)."""
+        """What ``pollable()`` must be polled for now (0: nothing, e.g. reading is paused)."""
         if self._failure is not None:
             return 0
         if self._connector is not None:
@@ -78,6 +94,28 @@ class FeedConnection:
         assert self.transport is not None
         mask = 0 if self._paused else selectors.EVENT_READ
         return mask | (selectors.EVENT_WRITE if self.transport.wants_write() else 0)
+
+    def watches_hangup(self) -> bool:
+        """Whether to be told of the peer's hang-up: while paused, until it was noticed once."""
+        return self._paused and self.transport is not None and not self._hung_up
+
+    def hung_up(self, now: float) -> None:
+        """The peer closed or reset the connection while reading is paused (backpressure).
+
+        What it sent before stays in the socket (a reset too: Linux hands queued data out
+        before the error) and is read, exactly once, when the workers catch up and reading
+        resumes; the attempt ends there, at the end of the stream. Noticed and said now.
+        """
+        transport = self.transport
+        if transport is None or self._hung_up:
+            return
+        self._hung_up = True
+        how = "reset" if transport.pending_error() is not None else "closed"
+        logger.warning(
+            "the feed %s the connection while reading was paused (backpressure): what it sent "
+            "before is read once the workers catch up, then the balancer reconnects",
+            how,
+        )
 
     def deadline(self) -> float | None:
         """When ``tick`` has something to do (a connect timeout, a ping), or None."""
@@ -215,6 +253,7 @@ class FeedConnection:
             max_message_size=config.max_message_size,
             ping_interval=config.ping_interval,
             ping_timeout=config.ping_timeout,
+            handshake_timeout=config.handshake_timeout,
         )
         self.feed.pause(self._paused)
         self.send_pending()

@@ -70,3 +70,23 @@ def _check_key(text: str, source: str, key_path: str) -> str:
     if any(character.isspace() or not character.isprintable() for character in key):
         raise ConfigError(key_path, f"the API key in {source} has spaces or control characters")
     return key
+
+
+def share_a_key(first: FeedConfig, second: FeedConfig, environ: Mapping[str, str]) -> bool:
+    """Whether two feeds would connect with the same API key to the same cluster (URL).
+
+    The feed allows one connection per key and cluster: two such feeds would take the stream
+    from each other in turn (max_connections). Keys that can be read are compared; otherwise
+    their sources: the same file path, or the same variables; a path under
+    ${CREDENTIALS_DIRECTORY} is each systemd instance's own credential, never shared.
+    """
+    if (first.host, first.port, first.path) != (second.host, second.port, second.path):
+        return False
+    try:
+        return _find_api_key(first, environ)[0] == _find_api_key(second, environ)[0]
+    except ConfigError:
+        pass
+    if first.api_key_file or second.api_key_file:
+        per_instance = "${CREDENTIALS_DIRECTORY}" in first.api_key_file
+        return first.api_key_file == second.api_key_file and not per_instance
+    return first.api_key_env == second.api_key_env

@@ -8,19 +8,28 @@ bytes to send and, when the conversation is over, the reason (``error``).
 
 The feed's handshake (Massive's websocket documentation)::
 
-    server  [{"ev":"status","status":"connected",...}]
+    server  [{"ev":"status","status":"connected",...}]        or "success": the greeting
     client  {"action":"auth","params":"<key>"}
-    server  [{"ev":"status","status":"auth_success",...}]     or auth_failed -> AuthError
+    server  [{"ev":"status","status":"auth_success",...}]     auth_failed -> AuthError
     client  {"action":"subscribe","params":"T.*,Q.AAPL"}
-    server  [{"ev":"status","status":"success","message":"subscribed to: T.*"}]   one per param
+    server  [{"ev":"status","status":"success","message":"subscribed to: T.*"}]   per channel
     server  [{"ev":"T","sym":"AAPL",...},...]                  data, until the connection ends
 
-The handshake is a transition table, ``HANDSHAKE``: (phase, status) -> (action, next phase);
-a status the table does not name for the phase, nor for every phase (``ANY``), is noted and
-changes nothing. ``max_connections`` (another client with the same key took the stream over)
-ends the conversation with a cooldown: the service waits long before it reconnects. Status
-events never leave this module: the splitter hands those found in data frames back through
-``receive_status``.
+Statuses are taken by meaning (``meaning``), not exact text: the greeting may say ``success``,
+the auth reply ``authenticated``, confirmations may differ in case, order or grouping
+(subscriptions.py matches them); the first data message also counts as streaming. The
+handshake is then a transition table, ``HANDSHAKE``: (phase, meaning) -> (action, next phase),
+looked up for the phase, then for ``ANY``; a status found under neither is logged once at INFO
+and changes nothing. An ``error`` while subscribing or streaming refuses one channel, never the
+connection: it is logged with the feed's message, the other channels stream on, and if all are
+refused the connection is kept, saying so. ``max_connections`` (another client with the same
+key and cluster took the stream) ends the conversation with a cooldown.
+
+Every step of the handshake has a deadline, ``handshake_timeout`` after the step before it (the
+upgrade, the greeting, the auth reply, the confirmations); past it the conversation ends,
+saying which step and what was awaited, unless data already flows, which only a missing
+confirmation can leave behind: that is logged and the stream goes on. Status events never leave
+this module: the splitter hands those found in data frames back through ``receive_status``.
 
 Bad input from the peer never raises: the websocket is failed (a close frame is queued) and
 the reason kept, and the service asks for it (``outcome``) and decides at its own pace.
@@ -28,16 +37,14 @@ the reason kept, and the service asks for it (``outcome``) and decides at its ow
 
 from __future__ import annotations
 
-import enum
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import cast
 
 import orjson
 from websockets.client import ClientProtocol
-from websockets.exceptions import InvalidHandshake, InvalidURI
+from websockets.exceptions import InvalidHandshake, InvalidURI, PayloadTooBig
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Response
 from websockets.protocol import State
@@ -45,59 +52,13 @@ from websockets.uri import parse_uri
 
 from . import __version__
 from .errors import EXCERPT_BYTES, AuthError, FeedError, TradeBalancerError
+from .handshake import AWAITED, Action, Phase, meaning, transition
+from .subscriptions import Subscriptions
 
 logger = logging.getLogger(__name__)
 
-_STATUS_PREFIX = b'[{"ev":"status"'
-
-
-class Phase(enum.Enum):
-    """Where the conversation with the feed stands."""
-
-    UPGRADING = "upgrading"  # HTTP upgrade sent, waiting for 101
-    CONNECTING = "connecting"  # websocket open, waiting for the "connected" status
-    AUTHENTICATING = "authenticating"  # auth sent, waiting for auth_success
-    SUBSCRIBING = "subscribing"  # subscribe sent, waiting for one success per param
-    STREAMING = "streaming"  # every subscription confirmed
-    CLOSED = "closed"  # over: see Feed.outcome()
-
-
-class Action(enum.Enum):
-    """What a status makes the feed do."""
-
-    AUTHENTICATE = "send the auth message"
-    SUBSCRIBE = "send the subscribe message"
-    CONFIRM = "count a subscription confirmed; stream once all are"
-    REFUSE_KEY = "close: the API key was refused (no retry)"
-    COOL_DOWN = "close: another client took the stream over (wait long)"
-    FAIL = "close with the feed's message"
-    NOTE = "log it, change nothing"
-
-
-ANY = None  # a HANDSHAKE row for every phase
-
-# The feed's handshake (Massive's websocket documentation). Looked up with the phase first,
-# then with ANY; a status found under neither is noted (Action.NOTE) and changes nothing.
-HANDSHAKE: Mapping[tuple[Phase | None, str], tuple[Action, Phase]] = MappingProxyType(
-    {
-        (Phase.CONNECTING, "connected"): (Action.AUTHENTICATE, Phase.AUTHENTICATING),
-        (Phase.AUTHENTICATING, "auth_success"): (Action.SUBSCRIBE, Phase.SUBSCRIBING),
-        (Phase.SUBSCRIBING, "success"): (Action.CONFIRM, Phase.SUBSCRIBING),
-        (ANY, "auth_failed"): (Action.REFUSE_KEY, Phase.CLOSED),
-        (ANY, "max_connections"): (Action.COOL_DOWN, Phase.CLOSED),
-        (ANY, "error"): (Action.FAIL, Phase.CLOSED),
-        (ANY, "auth_timeout"): (Action.FAIL, Phase.CLOSED),
-    }
-)
-
-
-def transition(phase: Phase, status: object) -> tuple[Action, Phase]:
-    """Look ``status`` up in HANDSHAKE for ``phase``: the action and the next phase."""
-    if isinstance(status, str):
-        found = HANDSHAKE.get((phase, status)) or HANDSHAKE.get((ANY, status))
-        if found is not None:
-            return found
-    return Action.NOTE, phase
+_STATUS = b'"status"'
+_STATUS_WINDOW = 64
 
 
 @dataclass(frozen=True)
@@ -123,6 +84,7 @@ class Feed:
         max_message_size: int = 16 << 20,
         ping_interval: float = 20.0,
         ping_timeout: float = 20.0,
+        handshake_timeout: float = 10.0,
     ) -> None:
         try:
             uri = parse_uri(url)
@@ -130,8 +92,10 @@ class Feed:
             raise FeedError(f"invalid feed URL {url!r}: {exc}") from exc
         self.url = url
         self._api_key = api_key
-        self._params = ",".join(subscribe)
-        self._pending_params = set(subscribe)
+        self.subscriptions = Subscriptions(subscribe)
+        self._handshake_timeout = handshake_timeout
+        self._deadline: float | None = now + handshake_timeout  # of the step under way
+        self._noted: set[str] = set()  # statuses and errors already logged on this connection
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
         self._protocol = ClientProtocol(uri, max_size=max_message_size)
@@ -163,9 +127,13 @@ class Feed:
         """The transport reached end of file (TCP FIN or TLS close_notify)."""
         if self.phase is Phase.CLOSED:
             return
+        # websockets' parser reports any end of stream before a close frame as EOFError; what
+        # it had buffered (or a fragmented message begun) says whether a message was cut.
+        cut = bool(self._fragments) or bool(getattr(self._protocol.reader, "buffer", b""))
         self._protocol.receive_eof()
         if isinstance(self._protocol.parser_exc, EOFError):
-            self._close(FeedError("the feed closed the connection in the middle of a message"))
+            where = "in the middle of a message" if cut else "without a close frame"
+            self._close(FeedError(f"the feed closed the connection {where}"))
             return
         self._process(now)
         self._close(FeedError(self._closed_reason("the feed closed the connection")))
@@ -220,8 +188,14 @@ class Feed:
     # -- time --------------------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
-        """Run the keepalive: send a ping each interval, give up when a pong is overdue."""
-        if self.phase in (Phase.UPGRADING, Phase.CLOSED):
+        """Run the timers: the handshake step's deadline, then the keepalive."""
+        if self.phase is Phase.CLOSED:
+            return
+        if self._deadline is not None and now >= self._deadline:
+            self._step_late(now)
+            if self.closed:
+                return
+        if self.phase is Phase.UPGRADING:
             return
         if self._ping_payload is not None:
             if self._paused:
@@ -241,10 +215,18 @@ class Feed:
 
     def next_deadline(self) -> float | None:
         """Return when ``tick`` next has something to do, or None."""
-        if self.phase in (Phase.UPGRADING, Phase.CLOSED):
+        if self.phase is Phase.CLOSED:
             return None
-        limit = self._ping_timeout if self._ping_payload is not None else self._ping_interval
-        return self._last_ping_at + limit
+        keepalive = None
+        if self.phase is not Phase.UPGRADING:
+            limit = self._ping_timeout if self._ping_payload is not None else self._ping_interval
+            keepalive = self._last_ping_at + limit
+        times = [t for t in (self._deadline, keepalive) if t is not None]
+        return min(times) if times else None
+
+    def refused(self) -> dict[str, str]:
+        """The channels the feed refused on this connection, with its messages."""
+        return dict(self.subscriptions.refused)
 
     def close(self) -> None:
         """Start a clean websocket close (going away), e.g. on shutdown."""
@@ -257,20 +239,21 @@ class Feed:
     def _process(self, now: float) -> None:
         for event in self._protocol.events_received():
             if isinstance(event, Response):
-                self._receive_response()
+                self._receive_response(now)
             elif isinstance(event, Frame):
                 self._receive_frame(event, now)
             if self.phase is Phase.CLOSED:
                 return
         exc = self._protocol.parser_exc
         if exc is not None:
-            self._close(FeedError(f"websocket protocol error from the feed: {exc}"))
+            hint = "; raise max_message_size" if isinstance(exc, PayloadTooBig) else ""
+            self._close(FeedError(f"websocket protocol error from the feed: {exc}{hint}"))
         elif self._protocol.close_rcvd is not None or self._protocol.state is State.CLOSED:
             # A client waits for the server's FIN after the close handshake (RFC 6455 7.1.1);
             # the service closes the socket itself, so the conversation is over here.
             self._close(FeedError(self._closed_reason("the feed closed the websocket")))
 
-    def _receive_response(self) -> None:
+    def _receive_response(self, now: float) -> None:
         exc = self._protocol.handshake_exc
         if exc is not None:
             detail = str(exc)
@@ -279,6 +262,7 @@ class Feed:
             self._close(FeedError(f"websocket upgrade refused: {detail}"))
             return
         self.phase = Phase.CONNECTING
+        self._deadline = now + self._handshake_timeout
         logger.debug("websocket open to %s", self.url)
 
     def _receive_frame(self, frame: Frame, now: float) -> None:
@@ -301,7 +285,9 @@ class Feed:
         # PING is answered by ClientProtocol itself (RFC 6455 5.5.2); CLOSE ends in _process.
 
     def _receive_message(self, message: bytes, now: float) -> None:
-        if message.startswith(_STATUS_PREFIX):
+        # Status messages are small and say so in their first bytes, in whatever layout; a data
+        # frame is only looked at that far (the splitter finds any status among its events).
+        if _STATUS in message[:_STATUS_WINDOW]:
             try:
                 events = orjson.loads(message)
             except orjson.JSONDecodeError:
@@ -315,23 +301,26 @@ class Feed:
         # Anything else, status events mixed with data included, goes to the splitter, which
         # hands status events back through receive_status.
         self._messages.append(message)
+        if self._streaming_since is None and self.phase is Phase.SUBSCRIBING:
+            self._start_streaming(now)  # data flows: the feed took the subscription
 
     def _handle_status(self, event: dict[str, object], now: float) -> None:
         status = event.get("status")
         text = str(event.get("message", ""))
-        action, next_phase = transition(self.phase, status)
+        action, next_phase = transition(self.phase, meaning(self.phase, status, text))
         if action is Action.AUTHENTICATE:
             logger.info("connected to %s; authenticating", self.url)
             self._send_text(orjson.dumps({"action": "auth", "params": self._api_key}))
         elif action is Action.SUBSCRIBE:
-            logger.info("authenticated; subscribing to %s", self._params)
-            self._send_text(orjson.dumps({"action": "subscribe", "params": self._params}))
+            logger.info("authenticated; subscribing to %s", self.subscriptions.params)
+            self._send_text(
+                orjson.dumps({"action": "subscribe", "params": self.subscriptions.params})
+            )
         elif action is Action.CONFIRM:
-            self._pending_params.discard(text.removeprefix("subscribed to: "))
-            logger.info("subscription confirmed: %s", text)
-            if not self._pending_params:
-                next_phase = Phase.STREAMING
-                self._streaming_since = now
+            for channel in self.subscriptions.confirm(text):
+                logger.info("subscription confirmed: %s", channel)
+        elif action is Action.REFUSE_CHANNEL:
+            self._refuse_channel(text)
         elif action is Action.REFUSE_KEY:
             self._fail(
                 CloseCode.NORMAL_CLOSURE,
@@ -347,16 +336,76 @@ class Feed:
                 CloseCode.NORMAL_CLOSURE,
                 None,
                 FeedError(
-                    f"max_connections: {text or 'another client with this key took over'}; "
-                    "stop the other client or use another key"
+                    f"max_connections ({text or 'maximum number of connections exceeded'}): "
+                    "another client with the same API key connected to this cluster and took "
+                    "the stream (the feed allows one connection per key and cluster); stop the "
+                    "other client or give this feed a key of its own"
                 ),
             )
         elif action is Action.FAIL:
             self._fail(CloseCode.NORMAL_CLOSURE, f"feed status {status}: {text}")
-        else:
-            logger.warning("feed status %s: %s", status, text)
-        if self.phase is not Phase.CLOSED:
+        elif f"status {status}" not in self._noted:
+            self._noted.add(f"status {status}")
+            logger.info("feed status %s: %s", status, text)
+        if self.phase is Phase.CLOSED:
+            return
+        if next_phase is not self.phase:
             self.phase = next_phase
+            self._deadline = now + self._handshake_timeout
+        if self.subscriptions.settled:
+            if self.phase is Phase.STREAMING:
+                self._deadline = None  # the last confirmations came after the first data
+            elif self.phase is Phase.SUBSCRIBING and self.subscriptions.confirmed:
+                self._start_streaming(now)
+            elif self.phase is Phase.SUBSCRIBING:
+                self._deadline = None  # all refused: nothing to wait for (and no tight loop)
+
+    def _refuse_channel(self, text: str) -> None:
+        """An error while subscribing or streaming: one channel refused, or logged as it is."""
+        subscriptions = self.subscriptions
+        channel = subscriptions.refuse(text)
+        if channel is None:
+            if f"error {text}" not in self._noted:
+                self._noted.add(f"error {text}")
+                logger.error("the feed reported an error: %s; streaming goes on", text)
+            return
+        logger.error(
+            "the feed refused the subscription to %s: %s; the other channels go on", channel, text
+        )
+        if subscriptions.all_refused:
+            logger.error(
+                "the feed refused every channel (%s): nothing will stream on this connection; "
+                "check that your plan includes them, or change the feed's subscribe key",
+                subscriptions.params,
+            )
+
+    def _start_streaming(self, now: float) -> None:
+        self.phase = Phase.STREAMING
+        if self._streaming_since is None:
+            self._streaming_since = now
+        if self.subscriptions.settled:
+            self._deadline = None
+        # else: the confirmations still missing have until the deadline, then are reported
+
+    def _step_late(self, now: float) -> None:
+        """The step under way missed its deadline: end the conversation, saying which step."""
+        self._deadline = None
+        pending = ", ".join(self.subscriptions.pending)
+        if self.phase is Phase.STREAMING:  # only confirmations can be late while data flows
+            logger.warning(
+                "no confirmation of %s within %g s (handshake_timeout); data flows, going on",
+                pending,
+                self._handshake_timeout,
+            )
+            return
+        awaited = AWAITED.get(self.phase, self.phase.value)
+        if self.phase is Phase.SUBSCRIBING:
+            awaited = f"{awaited} (waiting for {pending})"
+        self._fail(
+            CloseCode.POLICY_VIOLATION,
+            f"{awaited} did not come within {self._handshake_timeout:g} s (handshake_timeout) "
+            f"while {self.phase.value}: the feed, or a proxy in between, does not answer",
+        )
 
     def _send_text(self, message: bytes) -> None:
         # One read may bring a status and the feed's close frame behind it: websockets is then

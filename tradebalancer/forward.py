@@ -25,7 +25,7 @@ from .config import FeedConfig
 from .errors import FrameError
 from .pipes import PipeSet
 from .reader.format import LIMIT
-from .routing import balance_warning
+from .routing import balance_warning, pipe_for
 from .split import Splitter, accelerated
 from .stats import Stats
 from .units import format_size
@@ -52,7 +52,9 @@ class Forwarder:
         self._pipe_owners = dict(pipe_owners)  # pipe index -> worker index, for the log
         self._out: list[list[bytes]] = [[] for _ in range(config.pipes)]
         self._rejected_unlogged = 0
+        self._last_rejected: FrameError | None = None
         self._next_reject_log = 0.0
+        self._unkeyed_logged = 0
         self.paused = False  # backpressure: the connection must not read
         if (warning := balance_warning(config.pipes)) is not None:
             logger.warning("%s", warning)
@@ -92,9 +94,20 @@ class Forwarder:
     def account(self) -> None:
         """Bring the stats up to date with the splitter and the pipes (each stats tick).
 
-        Refused events (too long for the pipe format) are logged here, once per tick at most.
+        The rate-limited lines are written here too, once per tick at most: the rejected frames
+        not logged yet, the refused events (too long for the pipe format), the unkeyed events.
         """
         stats, splitter = self.stats, self.splitter
+        if self._rejected_unlogged and self._last_rejected is not None:
+            self._write_rejected(self._last_rejected)
+        if splitter.unkeyed_events > self._unkeyed_logged:
+            logger.warning(
+                '%d event(s) had no route key that is a string (missing, or like "sym":7): '
+                "each went to the pipe of the empty key, pipe %d",
+                splitter.unkeyed_events - self._unkeyed_logged,
+                pipe_for(b"", self.config.pipes),
+            )
+            self._unkeyed_logged = splitter.unkeyed_events
         stats.fast_frames = splitter.fast_frames
         stats.slow_frames = splitter.slow_frames
         stats.rejected_frames = splitter.rejected_frames
@@ -129,10 +142,15 @@ class Forwarder:
         )
 
     def _log_rejected(self, exc: FrameError, now: float) -> None:
-        # One line per stats interval at most: a feed gone wrong must not flood the journal.
+        # One line per stats interval at most: a feed gone wrong must not flood the journal;
+        # what comes after the line waits for the next stats tick (account).
         self._rejected_unlogged += 1
-        if now < self._next_reject_log:
-            return
+        self._last_rejected = exc
+        if now >= self._next_reject_log:
+            self._write_rejected(exc)
+            self._next_reject_log = now + self.config.stats_interval
+
+    def _write_rejected(self, exc: FrameError) -> None:
         logger.warning(
             "dropped %d frame(s) that are not a JSON array of objects; the last (%s): %r",
             self._rejected_unlogged,
@@ -140,4 +158,3 @@ class Forwarder:
             exc.excerpt,
         )
         self._rejected_unlogged = 0
-        self._next_reject_log = now + self.config.stats_interval

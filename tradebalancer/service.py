@@ -98,6 +98,7 @@ class Service:
             self._handle_signals()
             self._start_workers()
             now = self.clock()
+            self.stats.started_at = now
             self._reconnect_at = now  # the first attempt, made by the first turn
             self.status = StatusReporter(self.notifier, self.stats, self.config.stats_interval, now)
             self._loop()
@@ -161,9 +162,9 @@ class Service:
             events = select(timeout)
             self._more_to_read = False
             now = self.clock()
-            for tag, mask in events:
+            for tag, mask, hangup in events:
                 if tag is CONNECTION:
-                    self._serve_feed(mask, now)
+                    self._serve_feed(mask, hangup, now)
                 elif tag is WAKEUP:
                     self._handle_signals(woken=True)
                 elif isinstance(tag, Pipe) and self.pipes.flush(tag) == 0:
@@ -172,10 +173,12 @@ class Service:
             self._run_timers(now)
             self._settle(now)
 
-    def _serve_feed(self, mask: int, now: float) -> None:
+    def _serve_feed(self, mask: int, hangup: bool, now: float) -> None:
         """The hot path: read batches and forward their messages, until the socket is empty."""
         connection, forwarder = self.connection, self.forwarder
         assert connection is not None and forwarder is not None
+        if hangup and not mask & selectors.EVENT_READ:
+            connection.hung_up(now)  # while paused: noticed now, read later
         if mask & selectors.EVENT_WRITE:
             connection.writable(now)
         if not mask & selectors.EVENT_READ:
@@ -229,7 +232,10 @@ class Service:
             outcome = connection.outcome(now)
             if outcome is None:
                 self.stats.state = connection.state
-                self.poller.watch_connection(connection.fileno(), connection.events())
+                self.stats.refused_channels = connection.refused_channels()
+                self.poller.watch_connection(
+                    connection.pollable(), connection.events(), hangup=connection.watches_hangup()
+                )
                 if connection.fallback_reason and not self._fallback_logged:
                     self._fallback_logged = True
                     logger.warning(
@@ -267,7 +273,7 @@ class Service:
         if self.connection is not None:
             self.connection.close()
             self.connection = None
-        self.poller.watch_connection(-1, 0)
+        self.poller.watch_connection(None, 0)
 
     # -- shutdown --------------------------------------------------------------------------
 

@@ -53,19 +53,20 @@ two top-level elements. A non-object element would put a ``{`` after a ``,`` wit
 head's ``ev`` and key are the only ones (names are matched without their colon, which may
 follow whitespace), and ASCII without escapes is its own decoded UTF-8.
 
-Not checked: members after the key are not parsed, so an event broken inside yet keeping this
-structure (``"p":18x7``) is forwarded as it came. A frame cut short anywhere, a missing ``]``,
-bytes around the array, frames run together, a stray brace or non-ASCII bytes fail a check and
-go to the slow path, which rejects what is not JSON. ``strict=True`` also parses fast-path
-frames with orjson (about 500 ns more per event), forwarding no invalid JSON at all. An event
-over 16 KiB (no feed event comes near) sends its frame to the slow path too.
+Validity. Nothing that is not valid JSON (RFC 8259, UTF-8) reaches a worker: the C router
+validates every frame it takes in full (valid_json in _fastsplit.c) and declines the rest;
+every frame the Python paths see is parsed by ``orjson.loads`` first, which rejects it whole
+(FrameError) unless it is valid; so a frame ``[{..."p":18x7},{"ev":"T","sym":"IBM","p":2}]``
+is dropped with both its events, counted and logged, never cut. The fast path's checks then
+only find where the events are; an event over 16 KiB (no feed event comes near) sends its frame
+to the slow path.
 
-Slow path: ``orjson.loads`` validates (FrameError unless an array of objects), spans.py finds
-each object's bytes, keys come from the parsed dicts.
+Slow path: the parsed items give each event's type and key, spans.py each object's bytes.
 
 Measured by tests/bench_split.py (300 trades a frame, 4,000 symbols, CPython 3.11, this 2-core
-machine), ns per event: C router 54-59; Python layout path 265-305, mixed 335-410, strict
-720-810, slow path 1,420-1,640; ``orjson.loads`` alone 450-500. Most of the Python fast path
+machine), ns per event, before the C router validated the frame: C router 54-59; Python
+layout path 265-305, mixed 335-410, the same after orjson.loads (the Python paths now) 720-810,
+slow path 1,420-1,640; ``orjson.loads`` alone 450-500. Most of the Python fast path
 is two allocations per event (the piece from split, the event from join) and four list
 operations; the benchmark's docstring lists the designs compared.
 """
@@ -161,15 +162,6 @@ def _lacks(data: bytes, letters: tuple[bytes, ...], name: bytes) -> bool:
     return _names(data, name) == 0
 
 
-def _parses(frame: bytes) -> bool:
-    """Return whether ``frame`` is valid JSON (strict mode's check before the fast paths)."""
-    try:
-        orjson.loads(frame)
-    except orjson.JSONDecodeError:
-        return False
-    return True
-
-
 def _describe(value: object) -> str:
     """Name the JSON kind of a parsed value, for a FrameError's reason."""
     return _KINDS.get(type(value), "a boolean" if isinstance(value, bool) else "a number")
@@ -221,16 +213,14 @@ class Splitter:
         route_keys: Mapping[str, str] = DEFAULT_ROUTE_KEYS,
         default_key: str = "sym",
         *,
-        strict: bool = False,
         cache_limit: int = CACHE_LIMIT,
         accelerate: bool = True,
         limit: int = format.LIMIT,
     ) -> None:
         """Split over ``pipes`` pipes, routing each event type by its member in ``route_keys``.
 
-        Types not in ``route_keys`` route by ``default_key``. With ``strict`` every frame is
-        parsed in full, so a frame that is not valid JSON is never forwarded, even one the
-        fast path's structural checks would take. Each pipe cache is dropped when it reaches
+        Types not in ``route_keys`` route by ``default_key``. Each pipe cache is dropped when it
+        reaches
         ``cache_limit`` entries. With ``accelerate`` (and the extension built) the C router
         takes every frame it can before the Python paths see it. ``limit`` (the pipe format's,
         smaller in tests) bounds the events written.
@@ -250,7 +240,6 @@ class Splitter:
         self._headers = _HEADERS[:limit]
         # Whether the C router runs first (False only if the extension is not built).
         self.accelerated = self._router is not None
-        self._strict = strict
         self._cache_limit = cache_limit
         self.fast_frames = 0
         self.slow_frames = 0
@@ -274,15 +263,22 @@ class Splitter:
         """
         if len(out) != self.pipes:
             raise ValueError(f"out must hold one list per pipe ({self.pipes}), got {len(out)}")
-        if not self._strict or _parses(frame):
-            routed = self._router.route(frame, out) if self._router is not None else -1
-            if routed < 0:
-                routed = self._route_fast(frame, out)
+        if self._router is not None:
+            routed = self._router.route(frame, out)  # validates; declines what is not valid
             if routed >= 0:
                 self.fast_frames += 1
                 return routed
         try:
-            routed = self._route_slow(frame, out, status)
+            items = orjson.loads(frame)
+        except orjson.JSONDecodeError as exc:
+            self.rejected_frames += 1
+            raise FrameError(f"not valid JSON: {exc}", frame) from exc
+        routed = self._route_fast(frame, out)
+        if routed >= 0:
+            self.fast_frames += 1
+            return routed
+        try:
+            routed = self._route_slow(frame, items, out, status)
         except FrameError:
             self.rejected_frames += 1
             raise
@@ -421,12 +417,10 @@ class Splitter:
             self._remember(self._head_pipes[head.key], piece[_HEAD_WINDOW], pipe)
         return pipe
 
-    def _route_slow(self, frame: bytes, out: list[list[bytes]], status: list[bytes]) -> int:
-        """Route any valid frame exactly, or raise FrameError with nothing appended."""
-        try:
-            items = orjson.loads(frame)
-        except orjson.JSONDecodeError as exc:
-            raise FrameError(f"not valid JSON: {exc}", frame) from exc
+    def _route_slow(
+        self, frame: bytes, items: object, out: list[list[bytes]], status: list[bytes]
+    ) -> int:
+        """Route a frame parsed as ``items`` exactly, or raise FrameError, appending nothing."""
         if not isinstance(items, list):
             raise FrameError(f"{_describe(items)}, not an array", frame)
         for index, item in enumerate(items):

@@ -33,16 +33,22 @@ class Stats:
     state: str = "starting"
     url: str = ""
     tls: str = "-"  # e.g. "kernel", "user", "kernel tx/user rx", "none"
+    refused_channels: tuple[str, ...] = ()  # the subscriptions the feed refused
+    started_at: float | None = None  # when counting began: the first rates run from there
     _last: dict[str, float] = field(default_factory=dict, repr=False)
 
     def rates(self, now: float) -> dict[str, float]:
-        """Return per-second rates since the previous call (the first call: since ``now``)."""
-        last = self._last or {"at": now, "events": 0, "bytes": 0, "frames": 0}
-        elapsed = max(now - last["at"], 1e-9)
+        """Return per-second rates since the previous call (the first call: since the start).
+
+        Over less than a millisecond there is no rate to speak of: 0, not a count divided by
+        almost nothing (the first READY line used to show 2,000,000,000 events/s).
+        """
+        start = self.started_at if self.started_at is not None else now
+        last = self._last or {"at": start, "events": 0, "bytes": 0, "frames": 0}
+        elapsed = now - last["at"]
         rates = {
-            "events": (self.events - last["events"]) / elapsed,
-            "bytes": (self.bytes - last["bytes"]) / elapsed,
-            "frames": (self.frames - last["frames"]) / elapsed,
+            name: (getattr(self, name) - last[name]) / elapsed if elapsed >= 1e-3 else 0.0
+            for name in ("events", "bytes", "frames")
         }
         self._last = {"at": now, "events": self.events, "bytes": self.bytes, "frames": self.frames}
         return rates
@@ -58,8 +64,9 @@ class Stats:
 
     def status_line(self, rates: dict[str, float]) -> str:
         """The STATUS= line for ``systemctl status``: state first, then the numbers."""
+        refused = f" (refused: {','.join(self.refused_channels)})" if self.refused_channels else ""
         return (
-            f"{self.state}: {self.url} TLS {self.tls}; "
+            f"{self.state}{refused}: {self.url} TLS {self.tls}; "
             f"{rates['events']:,.0f} ev/s, {rates['bytes'] / 1e6:.1f} MB/s; "
             f"backlog {self._backlog()}; reconnects {self.reconnects}, "
             f"worker restarts {self.worker_restarts}"

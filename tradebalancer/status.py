@@ -6,7 +6,8 @@ READY=1 once the first connection attempt has settled; WATCHDOG=1 at the interva
 asked for. Must not touch: the numbers themselves (the parts keep them in ``Stats``), the
 loop (it asks ``deadline()`` and calls ``tick``).
 
-READY=1 waits for the first attempt to settle, streaming or failed and retrying, so that
+READY=1 waits for the first attempt to settle, streaming (or every channel refused) or failed
+and retrying, so that
 ``systemctl start`` fails on a refused key (exit 77 comes before READY); a feed that accepts
 the connection but does not answer holds it back ``READY_WAIT`` seconds at most (systemd's
 start timeout is 90 s by default).
@@ -48,7 +49,7 @@ class StatusReporter:
         """Send what is due; ``account`` brings the stats up to date before a stats line."""
         stats, notifier = self.stats, self.notifier
         if self._ready_by is not None and (
-            stats.state in ("streaming", "reconnecting") or now >= self._ready_by
+            stats.state in ("streaming", "refused", "reconnecting") or now >= self._ready_by
         ):
             self._ready_by = None
             notifier.ready(stats.status_line(stats.rates(now)))

@@ -3,7 +3,7 @@
 Owns establishing a connection: the name lookup, the TCP connect, the verified TLS handshake,
 the kernel TLS hand-off and its fallback, each a step the loop takes when the socket is ready,
 all within one timeout; then it hands the socket over to a Transport (stream.py). Must not
-touch: websockets, events, the event loop itself (the service polls ``fileno()``); how a
+touch: websockets, events, the event loop itself (the service polls ``pollable()``); how a
 session is handed to the kernel lives in session.py and kernel.py.
 
 ``tls_mode`` "auto" tries the kernel and keeps going in user space on any failure, with the
@@ -54,7 +54,7 @@ class Connector:
     a resolver that does not answer must not stall the event loop), ``connecting`` (a
     non-blocking connect to each address in turn, as ``socket.create_connection`` tries them),
     ``handshaking`` (the verified TLS handshake, record by record), then the kernel TLS
-    hand-off, which does not wait. The caller polls ``fileno()`` for ``events()`` and calls
+    hand-off, which does not wait. The caller polls ``pollable()`` for ``events()`` and calls
     ``step(now)`` when it is ready or ``deadline`` has passed, until ``step`` returns the
     Transport; ``step`` raises TransportError (KernelTLSUnavailable for tls_mode "kernel") when
     the attempt failed, and the timeout covers all the phases together. ``close()`` abandons an
@@ -98,15 +98,19 @@ class Connector:
         self.fallback_reason: str | None = None
         self._events = selectors.EVENT_READ
 
-    def fileno(self) -> int:
-        """The fd to poll now (it changes from phase to phase)."""
+    def pollable(self) -> socket.socket:
+        """The socket to poll now: it changes from phase to phase and from address to address.
+
+        Tell them apart by identity, not by ``fileno()``: a closed socket's number is free at
+        once, and the next address's socket usually gets it.
+        """
         if self._lookup is not None:
-            return self._lookup.fileno()
+            return self._lookup.pollable()
         assert self._sock is not None
-        return self._sock.fileno()
+        return self._sock
 
     def events(self) -> int:
-        """``selectors.EVENT_READ`` or ``EVENT_WRITE``: what ``fileno()`` must be ready for."""
+        """``selectors.EVENT_READ`` or ``EVENT_WRITE``: what ``pollable()`` must be ready for."""
         return self._events
 
     def step(self, now: float) -> Transport | None:
@@ -356,9 +360,9 @@ class _Lookup:
             write.send(b"x")
         write.close()
 
-    def fileno(self) -> int:
+    def pollable(self) -> socket.socket:
         """Readable once the lookup is done."""
-        return self._read.fileno()
+        return self._read
 
     def close(self) -> None:
         """Stop listening for the answer (the thread, if any, finishes on its own)."""
@@ -395,9 +399,10 @@ def open_transport(
     )
     with selectors.DefaultSelector() as selector:
         while (transport := connector.step(time.monotonic())) is None:
-            selector.register(connector.fileno(), connector.events())
+            pollable = connector.pollable()
+            selector.register(pollable, connector.events())
             selector.select(max(connector.deadline - time.monotonic(), 0.0))
-            selector.unregister(connector.fileno())
+            selector.unregister(pollable)
     return transport
 
 

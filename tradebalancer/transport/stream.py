@@ -17,6 +17,7 @@ Each direction runs in one of three modes:
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import ssl
 from collections.abc import Callable
@@ -67,6 +68,10 @@ class Transport:
     def fileno(self) -> int:
         """The socket's file descriptor, to poll (readable: call recv_into; writable: flush)."""
         return self._sock.fileno()
+
+    def pollable(self) -> socket.socket:
+        """The socket itself, to poll and to tell apart from an earlier one with its number."""
+        return self._sock
 
     # -- receiving ---------------------------------------------------------------------------
 
@@ -158,6 +163,13 @@ class Transport:
         else:
             self._outgoing += data
         self.flush()
+
+    def pending_error(self) -> TransportError | None:
+        """The error the socket holds (SO_ERROR), e.g. a reset by the peer; None if none."""
+        code = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code == 0:
+            return None
+        return TransportError(self.address, describe_os_error(OSError(code, os.strerror(code))))
 
     def wants_write(self) -> bool:
         """True while queued bytes remain (poll the socket for writability, then flush)."""

@@ -1,0 +1,83 @@
+"""The channels one connection subscribed to: confirmed, refused, or not answered yet.
+
+Owns matching the feed's answers to the channels asked for, by meaning rather than exact text:
+a confirmation ``subscribed to: T.*`` may differ in case, list several channels, or come in
+another order than the subscribe message; a refusal (an ``error`` status while subscribing) is
+matched to the channel its message names, or, if it names none, to the one channel still
+waiting when only one is. Sans-I/O: no clock, no logging; the feed decides what each answer
+means for the connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = ["Subscriptions"]
+
+_CONFIRMED = "subscribed to:"
+
+
+class Subscriptions:
+    """The channels of one connection: pending, confirmed or refused (with the feed's message)."""
+
+    def __init__(self, channels: Sequence[str]) -> None:
+        self.channels = tuple(channels)
+        self._by_key = {channel.casefold(): channel for channel in self.channels}
+        self.pending: list[str] = list(self.channels)  # in the order they were asked for
+        self.confirmed: list[str] = []
+        self.refused: dict[str, str] = {}  # channel -> the feed's message
+
+    @property
+    def params(self) -> str:
+        """The subscribe message's ``params``: the channels joined by commas."""
+        return ",".join(self.channels)
+
+    @property
+    def settled(self) -> bool:
+        """Every channel was confirmed or refused."""
+        return not self.pending
+
+    @property
+    def all_refused(self) -> bool:
+        """Every channel was refused: nothing will stream on this connection."""
+        return len(self.refused) == len(self.channels)
+
+    def confirm(self, message: str) -> list[str]:
+        """Take a ``success`` status's message; return the channels it confirms, newly.
+
+        ``subscribed to: T.*`` or ``subscribed to: t.*, Q.AAPL``; a message that names no
+        channel of ours confirms nothing.
+        """
+        text = message.strip()
+        head, _, rest = text.partition(":")
+        if (head + ":").casefold() != _CONFIRMED:
+            return []
+        confirmed = []
+        for part in rest.split(","):
+            channel = self._by_key.get(part.strip().casefold())
+            if channel is not None and channel in self.pending:
+                self.pending.remove(channel)
+                self.confirmed.append(channel)
+                confirmed.append(channel)
+        return confirmed
+
+    def refuse(self, message: str) -> str | None:
+        """Take an ``error`` status's message; return the channel it refuses, or None.
+
+        The channel is the one the message names (whatever its case); if it names none and one
+        channel alone is still pending, that one.
+        """
+        folded = message.casefold()
+        named = [c for c in self.channels if c.casefold() in folded and c not in self.refused]
+        if named:
+            channel = max(named, key=len)  # "T.AAPL" rather than "T.A" when both are ours
+        elif len(self.pending) == 1:
+            channel = self.pending[0]
+        else:
+            return None
+        if channel in self.pending:
+            self.pending.remove(channel)
+        if channel in self.confirmed:
+            self.confirmed.remove(channel)
+        self.refused[channel] = message
+        return channel
