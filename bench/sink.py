@@ -54,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crash-after", type=int, default=0, help="exit(1) after N messages")
     parser.add_argument("--crash-once", help="crash only if this file does not exist (creates it)")
     parser.add_argument("--delay", type=float, default=0.0, help="sleep this long per batch")
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        default=-1,
+        help="SIGSTOP itself once N messages are read and recorded (0: before reading any)",
+    )
     parser.add_argument("--expect-file", help='JSON {"pipe": count}: write --done when all came')
     parser.add_argument("--done", help="the file to write once the expected messages came")
     parser.add_argument("--ready", help="the file to write when about to read")
@@ -102,11 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     seen = 0
     if args.ready:
         _write_atomically(args.ready, {"pid": os.getpid()})
-    # The timeout lets an idle sink notice SIGTERM: batches() then yields (-1, []).
+    if args.stop_after == 0:
+        os.kill(os.getpid(), signal.SIGSTOP)  # a worker that never reads
+    # The timeout lets an idle sink notice SIGTERM: batches() then yields (-1, []). A batch
+    # read is always recorded before stopping: the reader took it from the pipe.
     for fd, messages in reader.batches(timeout=0.25):
-        if stop:
-            break
         if fd < 0:
+            if stop:
+                break
             continue
         now = time.monotonic_ns()
         if not first_ns:
@@ -142,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
             if not os.path.exists(args.crash_once):
                 open(args.crash_once, "w").close()
                 os._exit(1)
+        if args.stop_after > 0 and seen >= args.stop_after:
+            args.stop_after = -1
+            os.kill(os.getpid(), signal.SIGSTOP)  # a worker that stops reading: SIGSTOP, a hang
         if args.delay:
             time.sleep(args.delay)
         if stop:

@@ -21,7 +21,7 @@ LAYERS: list[list[str]] = [
     ["tradebalancer"],
     # leaves: no logic of the service (the C router is split.py's loop)
     ["errors", "units", "routing", "spans", "backoff", "systemd", "_fastsplit"],
-    ["signals", "command", "stats", "handshake", "subscriptions", "transport.keys"],
+    ["signals", "command", "stats", "handshake", "subscriptions", "transport.keys", "delivery"],
     ["transport.kernel"],
     # the parts, each sans-I/O or the owner of one kind of fd
     [
@@ -35,7 +35,7 @@ LAYERS: list[list[str]] = [
         "replay.options",
     ],
     ["credentials", "plan", "transport.connector", "transport", "replay.stream", "workers"],
-    ["connection", "forward", "status", "poller", "replay.connection"],
+    ["connection", "forward", "status", "poller", "preflight", "replay.connection"],
     # what wires the parts
     ["service", "replay.server"],
     ["replay.cli", "replay", "sample"],

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -79,7 +81,7 @@ def test_a_power_of_two_pipe_count_is_flagged(
 ) -> None:
     """check-config warns when the pipe count would spread symbols badly."""
     config = tmp_path / "p.toml"
-    config.write_text('[feeds.feed]\npipes = 16\ncommand = ["worker"]\n')
+    config.write_text('[feeds.feed]\npipes = 16\ncommand = ["true"]\n')
     assert main(["--config", str(config), "check-config"]) == 0
     assert "warning: pipes = 16 is a power of two" in capsys.readouterr().out
 
@@ -120,7 +122,7 @@ def test_two_feeds_with_one_key_on_one_cluster_are_flagged(
     key.write_text("the-one-key\n")
     config = tmp_path / "two.toml"
     config.write_text(
-        f'[defaults]\ncommand = ["worker"]\napi_key_file = "{key}"\n'
+        f'[defaults]\ncommand = ["true"]\napi_key_file = "{key}"\n'
         '[feeds.a]\nurl = "wss://socket.example/stocks"\n'
         '[feeds.b]\nurl = "wss://socket.example/stocks"\n'
         '[feeds.c]\nurl = "wss://socket.example/options"\n'
@@ -131,3 +133,123 @@ def test_two_feeds_with_one_key_on_one_cluster_are_flagged(
         "warning: feeds.a and feeds.b connect to wss://socket.example/stocks with the same" in out
     )
     assert "feeds.c and" not in out and "and feeds.c" not in out
+
+
+# -- what run would fail on, found by check-config (and by run, before anything starts) ------
+
+
+def write_feed(tmp_path: Path, lines: str, name: str = "feed") -> Path:
+    path = tmp_path / "tb.toml"
+    path.write_text(f"[feeds.{name}]\nworkers = 1\npipes = 3\n{lines}\n")
+    return path
+
+
+def not_executable(tmp_path: Path) -> str:
+    program = tmp_path / "strategy.py"
+    program.write_text("print('hi')\n")
+    program.chmod(0o644)
+    return str(program)
+
+
+def a_file(tmp_path: Path) -> str:
+    (tmp_path / "plain").write_text("")
+    return str(tmp_path / "plain")
+
+
+# (the feed's lines, given tmp_path; the key path; the start of the message)
+PREFLIGHT = [
+    (
+        lambda t: 'command = ["/nonexistent/strategy"]',
+        "command[0]",
+        "/nonexistent/strategy: no such file; fix the path or install the worker (worker 0)",
+    ),
+    (
+        lambda t: f'command = ["{not_executable(t)}"]',
+        "command[0]",
+        f"{{tmp}}/strategy.py is not executable by uid {os.geteuid()}; chmod +x it",
+    ),
+    (
+        lambda t: 'command = ["no-such-strategy-here"]',
+        "command[0]",
+        "'no-such-strategy-here' is not an executable on the workers' PATH (",
+    ),
+    (
+        lambda t: f'command = ["bin/strategy"]\nworking_directory = "{t}"',
+        "command[0]",
+        "bin/strategy (from {tmp}): no such file",
+    ),
+    (
+        lambda t: f'command = ["true"]\nworking_directory = "{t}/missing"',
+        "working_directory",
+        "{tmp}/missing does not exist: create it (the workers run there) or choose another",
+    ),
+    (
+        lambda t: f'command = ["true"]\nworking_directory = "{a_file(t)}"',
+        "working_directory",
+        "{tmp}/plain is not a directory",
+    ),
+]
+
+
+@pytest.mark.parametrize(("lines", "key", "message"), PREFLIGHT)
+def test_check_config_and_run_refuse_what_would_stop_a_worker(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    lines: Callable[[Path], str],
+    key: str,
+    message: str,
+) -> None:
+    """Each passed check-config; run then exited 71 at the spawn (the unit restarted it five
+    times), the missing directory named as the interpreter. Now both exit 78 naming the key."""
+    monkeypatch.setenv("MASSIVE_API_KEY", "k-123456")
+    path = write_feed(tmp_path, lines(tmp_path))
+    expected = f"tradebalancer: feeds.feed.{key}: {message.format(tmp=tmp_path)}"
+    for command in (["check-config", "feed"], ["run", "feed"]):
+        assert main(["--config", str(path), *command]) == ExitCode.CONFIG
+        err = capsys.readouterr().err
+        assert err.startswith(expected), err
+
+
+def test_check_config_reports_each_feed_and_fails_if_one_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """All feeds: the bad one is named beside the good ones, which are still shown."""
+    path = tmp_path / "tb.toml"
+    path.write_text(
+        '[defaults]\ncommand = ["true"]\npipes = 3\n[feeds.a]\npipes = 0\n[feeds.b]\nworkers = 1\n'
+    )
+    assert main(["--config", str(path), "check-config"]) == ExitCode.CONFIG
+    captured = capsys.readouterr()
+    assert "feeds.a: FAILED: feeds.a.pipes: must be an integer from 1 to 4096" in captured.out
+    assert "feeds.b: ok: " in captured.out
+    assert "1 of 2 feeds failed the check" in captured.err
+    assert main(["--config", str(path), "check-config", "b"]) == 0  # b alone: 78 before
+
+
+def test_check_config_says_1_worker_and_quotes_each_argument(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ "1 workers" and an argv whose spaces vanished are gone."""
+    path = write_feed(tmp_path, 'command = ["true", "--label", "two words", "{{ worker }}"]')
+    assert main(["--config", str(path), "check-config"]) == 0
+    out = capsys.readouterr().out
+    assert ", 3 pipes, 1 worker, " in out
+    assert "  worker 0: true --label 'two words' 0 3 4 5\n" in out
+
+
+def test_config_and_verbose_may_follow_the_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`run f --config x.toml` was refused, and run --help did not mention --config."""
+    path = write_feed(tmp_path, 'command = ["true"]')
+    assert main(["check-config", "feed", "--config", str(path), "-v"]) == 0
+    assert "feeds.feed: ok:" in capsys.readouterr().out
+    for command in ("run", "check-config"):
+        shown = subprocess.run(
+            [sys.executable, "-m", "tradebalancer", command, "--help"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert "--config FILE" in shown

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tlsca import make_ca
 
 from tradebalancer import config, credentials
 from tradebalancer.config import FeedConfig, check_variables, expand_variables, unset_variables
@@ -27,9 +28,9 @@ def load_feed(text: str, name: str = "feed") -> FeedConfig:
 
 
 def load_error(text: str) -> ConfigError:
-    """Load the TOML ``text``, which must fail, and return the error."""
+    """Load the TOML ``text`` and validate every feed, which must fail; return the error."""
     with pytest.raises(ConfigError) as caught:
-        config.loads(text)
+        config.loads(text).feeds  # noqa: B018 - validating is the point
     assert str(caught.value) == f"{caught.value.key_path}: {caught.value.message}"
     assert caught.value.exit_code == ExitCode.CONFIG
     return caught.value
@@ -55,6 +56,9 @@ INVALID = [
     ('url = "wss:///stocks"', "url", "a ws:// or wss:// URL", '"wss:///stocks" (no host)'),
     ('url = "wss://h:99999/"', "url", "a ws:// or wss:// URL", '"wss://h:99999/" (Port out'),
     ('url = "wss://h/stocks#x"', "url", "a ws:// or wss:// URL", '"wss://h/stocks#x" (no #'),
+    ('url = "ws://h:0/stocks"', "url", "a ws:// or wss:// URL", '"ws://h:0/stocks" (port 0: give'),
+    ('url = "wss://a b/x"', "url", "URL like", "\"wss://a b/x\" (the host 'a b' is neither"),
+    ('url = "wss://-h-/x"', "url", "URL like", "\"wss://-h-/x\" (the host '-h-' is neither"),
     ("url = 443", "url", "a non-empty string", "443"),
     ("subscribe = []", "subscribe", "a non-empty array of strings", "[]"),
     ('subscribe = "T.*"', "subscribe", "a non-empty array of strings", '"T.*"'),
@@ -410,7 +414,8 @@ def test_asking_for_an_undefined_feed_lists_the_defined_ones(tmp_path: Path) -> 
 
 def test_a_relative_ca_file_is_relative_to_the_config_file(tmp_path: Path) -> None:
     """ca_file = "ca.pem" means the ca.pem beside the configuration file, and must exist."""
-    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    ca, _, _ = make_ca(tmp_path)
+    (tmp_path / "ca.pem").write_bytes(ca.read_bytes())
     path = tmp_path / "tb.toml"
     path.write_text(FEED + 'ca_file = "ca.pem"\nserver_hostname = "feed.test"\n')
     feed = config.load(path).feed("feed")
@@ -506,3 +511,60 @@ def test_expansion_replaces_every_reference_and_leaves_other_dollars() -> None:
     check_variables("$A/${A}/${B}$", "key")
     assert expand_variables("$A/${A}/${B}$", environ, "key") == "$A/1/two$"
     assert unset_variables("${A}${EMPTY}${C}", environ) == ["EMPTY", "C"]
+
+
+# -- one feed's table never blocks another -------------------------------------------------
+
+
+def test_one_bad_feed_table_never_blocks_another() -> None:
+    """[feeds.a] pipes = 0 beside a valid [feeds.b]: b loads, a fails alone (both failed)."""
+    loaded = config.loads(
+        '[defaults]\ncommand = ["w"]\n[feeds.a]\npipes = 0\n[feeds."bad name"]\n[feeds.b]\n'
+    )
+    assert loaded.names == ["a", "bad name", "b"]
+    assert loaded.feed("b").pipes == config.DEFAULT_PIPES
+    with pytest.raises(ConfigError, match=r"feeds\.a\.pipes"):
+        loaded.feed("a")
+    with pytest.raises(ConfigError, match="a feed name must be"):
+        loaded.feed("bad name")
+    with pytest.raises(ConfigError, match=r"feeds\.a\.pipes"):
+        loaded.feeds  # noqa: B018 - all of them: the first bad one fails
+
+
+def test_an_error_in_defaults_still_fails_every_feed() -> None:
+    """What every feed inherits is checked for all: a bad [defaults] key fails at load."""
+    with pytest.raises(ConfigError, match=r"defaults\.pipez"):
+        config.loads('[defaults]\npipez = 3\n[feeds.b]\ncommand = ["w"]\n')
+
+
+@pytest.mark.parametrize(
+    "query", [f"apiKey={SECRET}", f"x=1&apikey={SECRET}", f"api_key={SECRET}", f"token={SECRET}"]
+)
+def test_a_key_in_the_url_is_refused_without_echoing_it(query: str) -> None:
+    """?apiKey=... was accepted and logged in full with the URL."""
+    error = load_error(FEED + f'url = "wss://socket.massive.com/stocks?{query}"')
+    assert error.key_path == "feeds.feed.url"
+    assert "must not carry the API key" in error.message and "api_key_file" in error.message
+    assert SECRET not in str(error)
+
+
+@pytest.mark.parametrize("content", [None, b"root:x:0:0:root:/root:/bin/bash\n", b""])
+def test_a_ca_file_openssl_cannot_load_is_refused(tmp_path: Path, content: bytes | None) -> None:
+    """ca_file = "/etc/passwd" passed, and then every connection attempt failed, forever."""
+    ca = tmp_path / "ca.pem"
+    if content is None:
+        ca.mkdir()
+    else:
+        ca.write_bytes(content)
+    error = load_error(FEED + f'ca_file = "{ca}"')
+    assert error.key_path == "feeds.feed.ca_file"
+    assert error.message.startswith(f'must name a PEM CA bundle, got "{ca}", which ')
+
+
+def test_a_relative_api_key_file_is_relative_to_the_config_file(tmp_path: Path) -> None:
+    """As ca_file: it resolved against the current directory instead."""
+    path = tmp_path / "tb.toml"
+    path.write_text(FEED + 'api_key_file = "keys/feed.key"\n')
+    assert config.load(path).feed("feed").api_key_file == str(tmp_path / "keys" / "feed.key")
+    path.write_text(FEED + 'api_key_file = "${CREDENTIALS_DIRECTORY}/api-key"\n')
+    assert config.load(path).feed("feed").api_key_file == "${CREDENTIALS_DIRECTORY}/api-key"

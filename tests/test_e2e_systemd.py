@@ -67,7 +67,7 @@ LIFECYCLE = [
     ("the feed closed the websocket", "WARNING"),  # the replay's end: reconnecting
     ("SIGTERM received: stopping", "INFO"),
     ("worker 0 exited with status 0", "INFO"),
-    (f"stopped: {EVENTS:,} events forwarded", "INFO"),
+    (f"stopped: all {EVENTS:,} events delivered", "INFO"),
 ]
 MAX_EXPOSURE = 2.0  # systemd-analyze security: "OK" and better
 START_TIMEOUT = 60.0  # TimeoutStartSec= of the unit
@@ -123,10 +123,15 @@ class Scenario:
         """Everything a failure message needs: the results, the output, console and journal."""
         journal = self.evidence("journal-all.txt").splitlines()
         unit_lines = [line for line in journal if "tradebalancer" in line]
+        try:  # how the streaming run began: the last lines are often of the upgrade and purge
+            first = [str(entry.get("MESSAGE")) for entry in self.main_process_entries()[:40]]
+        except (KeyError, ValueError):
+            first = ["(no journal of the streaming run)"]
         return (
             f"--- results.env ---\n{self.evidence('results.env')}\n"
             f"{self.guest.explain()}\n"
-            f"--- guest journal, tradebalancer lines (last 80) ---\n" + "\n".join(unit_lines[-80:])
+            "--- the streaming run's first 40 lines ---\n" + "\n".join(first) + "\n"
+            "--- guest journal, tradebalancer lines (last 80) ---\n" + "\n".join(unit_lines[-80:])
         )
 
 

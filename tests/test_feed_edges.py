@@ -433,10 +433,6 @@ def test_a_close_while_reading_is_paused_is_noticed_at_once_and_nothing_is_lost(
         balancer.wait_for(
             lambda: "while reading was paused" in balancer.log_text(), 60, "the hang-up noticed"
         )
-        noticed = balancer.log_text()
-        assert (
-            "backpressure over" not in noticed.split("while reading was paused")[0][-2000:] or True
-        )
         want = expected(frames)
         balancer.wait_for(lambda: count(delivered(balancer)) >= count(want), 120, "every event")
         balancer.wait_for(lambda: "reconnecting in" in balancer.log_text(), 60, "the reconnect")

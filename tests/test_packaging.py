@@ -157,9 +157,8 @@ def test_the_service_notifies_and_is_watched(template: Unit) -> None:
     assert template.value("Service", "NotifyAccess") == "main"
     assert int(template.value("Service", "WatchdogSec")) > 0
     assert template.value("Service", "KillMode") == "mixed"
-    own_worst_case = (
-        service.FLUSH_TIMEOUT + service.WORKER_EXIT_TIMEOUT + service.WORKER_TERM_TIMEOUT
-    )
+    drain = config.loads('[feeds.f]\ncommand = ["w"]\n').feed("f").drain_timeout  # the default
+    own_worst_case = 2 * drain + service.WORKER_TERM_TIMEOUT  # flush, exit, SIGTERM's grace
     assert int(template.value("Service", "TimeoutStopSec")) > own_worst_case
 
 

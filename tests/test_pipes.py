@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,6 +51,49 @@ def test_a_size_past_the_limit_is_halved_until_granted() -> None:
         assert 65536 <= opened[0].size <= limit or os.geteuid() == 0
     finally:
         close_pipes(opened)
+
+
+def test_a_size_under_the_default_is_granted_too() -> None:
+    """pipe_size = 4096 gives 4 KiB pipes: it gave 64 KiB without a word."""
+    opened = open_pipes(2, 4096)
+    try:
+        assert [pipe.size for pipe in opened] == [4096, 4096]
+    finally:
+        close_pipes(opened)
+
+
+UNPRIVILEGED_PIPES = """
+import logging, sys
+from tradebalancer.pipes import open_pipes
+logging.basicConfig(stream=sys.stdout, format="%(levelname)s %(message)s")
+opened = open_pipes(int(sys.argv[1]), int(sys.argv[2]))
+print("sizes", sorted({pipe.size for pipe in opened}))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a child as nobody")
+def test_an_unprivileged_users_page_limit_is_named_as_such() -> None:
+    """As a user past fs.pipe-user-pages-soft, the warning names that limit, not pipe-max-size
+    (which said "raise fs.pipe-max-size" when the size asked was within it)."""
+    soft_pages = int(Path("/proc/sys/fs/pipe-user-pages-soft").read_text())
+    if soft_pages == 0:
+        pytest.skip("fs.pipe-user-pages-soft is 0 here: no per-user limit to reach")
+    size = min(pipe_max_size(), 1 << 20)
+    count = soft_pages * 4096 // size + 8  # past the soft limit by eight pipes
+    result = subprocess.run(
+        [
+            *("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"),
+            *(sys.executable, "-c", UNPRIVILEGED_PIPES, str(count), str(size)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "fs.pipe-user-pages-soft" in result.stdout, result.stdout
+    assert "raise fs.pipe-max-size" not in result.stdout
 
 
 def test_a_full_pipe_queues_the_rest_in_order_and_flush_delivers_it(pipes: list[Pipe]) -> None:

@@ -146,6 +146,14 @@ def test_power_of_two_pipe_counts_get_a_warning_and_odd_ones_do_not() -> None:
     """A power-of-two pipe count is warned about, with odd neighbours suggested."""
     from tradebalancer.routing import balance_warning
 
-    warning = balance_warning(16)
+    warning = balance_warning(16, 4096)
     assert warning is not None and "15" in warning and "17" in warning
-    assert [n for n in range(1, 70) if balance_warning(n)] == [2, 4, 8, 16, 32, 64]
+    assert [n for n in range(1, 70) if balance_warning(n, 4096)] == [2, 4, 8, 16, 32, 64]
+
+
+def test_the_warning_at_the_largest_count_suggests_only_a_smaller_one() -> None:
+    """At the maximum (4096) it suggested 4097, which the configuration refuses."""
+    from tradebalancer.routing import balance_warning
+
+    warning = balance_warning(4096, 4096)
+    assert warning is not None and "4095" in warning and "4097" not in warning

@@ -8,6 +8,7 @@ message it reads). Every test counts and compares every event against the source
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -21,6 +22,7 @@ import orjson
 import pytest
 from tlsca import make_ca, make_wrong_host_cert
 
+from tradebalancer.errors import ExitCode
 from tradebalancer.replay import ReplayOptions, ReplayServer, synth
 from tradebalancer.routing import pipe_for
 
@@ -484,7 +486,7 @@ def test_sigterm_flushes_and_workers_see_end_of_file(
     assert total == delivered(balancer, 4) > 2000
     log = balancer.log_text()
     assert "SIGTERM received: stopping" in log
-    assert "stopped:" in log
+    assert f"stopped: all {total:,} events delivered (worker 0 " in log
     assert "worker 0 exited with status 0" in log and "worker 1 exited with status 0" in log
 
 
@@ -557,3 +559,116 @@ def test_an_event_too_long_for_the_pipe_format_is_refused_and_the_rest_delivered
     got = [m for p in range(3) for m in read_records(balancer.records, p)]
     assert got == [small, small]
     assert "which the pipe format cannot carry" in balancer.log_text()
+
+
+# -- an honest stop --------------------------------------------------------------------------
+
+FINAL = re.compile(r"stopped: ([\d,]+) events? of ([\d,]+) not delivered, left in the pipes of .*")
+SHARE = re.compile(r"worker (\d+) ([\d,]+)(?: delivered, ([\d,]+) not delivered)?")
+
+
+def number(text: str | None) -> int:
+    return int(text.replace(",", "")) if text else 0
+
+
+def final_account(log: str) -> dict[int, tuple[int, int]]:
+    """Each worker's (delivered, not delivered) from the balancer's last line."""
+    line = next(line for line in reversed(log.splitlines()) if "stopped: " in line)
+    shares = line[line.index("(") + 1 : line.rindex(")")]
+    return {int(match[1]): (number(match[2]), number(match[3])) for match in SHARE.finditer(shares)}
+
+
+def frame_prefix(pipes: int, seed: int, routed: int) -> dict[int, list[bytes]]:
+    """Each pipe's events over the shortest run of whole source frames holding ``routed``."""
+    streams: dict[int, list[bytes]] = {p: [] for p in range(pipes)}
+    total = 0
+    for frame in synth.generate_frames(seed=seed, count_events=200_000):
+        if total == routed:
+            return streams
+        for event in synth.split_events(frame):
+            streams[pipe_for(orjson.loads(event)["sym"].encode(), pipes)].append(event)
+            total += 1
+    raise AssertionError(f"{routed} events is not a whole number of frames: not the feed's")
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("stop_after", [700, 0])
+def test_a_worker_that_stops_reading_is_counted_and_the_exit_is_75(
+    tmp_path: Path, balancers: list[Balancer], stop_after: int
+) -> None:
+    """Worker 0 stops reading (after 700 events, or before any): the stop said "N events
+    forwarded" and exited 0 (workers had 1,125,407 of 1,356,073). Now the last line counts
+    per worker what was read and what was left, exactly, and the exit status is 75."""
+    seed, pipes = 7, 4
+    options = ReplayOptions(accept_keys=frozenset({KEY}), rate=20_000, seed=seed)
+    with ReplayServer(options) as server:
+        balancer = Balancer(
+            tmp_path,
+            server.url,
+            pipes=pipes,
+            # one argument: a trailing number alone would be taken for an fd (fds_from_argv)
+            sink_args=f', "--stop-after={{{{ {stop_after} if worker == 0 else -1 }}}}"',
+            extra="drain_timeout = 1.0",
+        )
+        balancers.append(balancer)
+        balancer.wait_for(lambda: delivered(balancer, pipes) > 5000, what="streaming")
+        started = time.monotonic()
+        assert balancer.stop() == ExitCode.UNDELIVERED
+        took = time.monotonic() - started
+    log = balancer.log_text()
+    assert FINAL.search(log), log[-3000:]
+    assert "ERROR" in next(line for line in log.splitlines() if "stopped: " in line)
+    account = final_account(log)
+    routed = sum(d + u for d, u in account.values())
+    expected = frame_prefix(pipes, seed, routed)
+    for worker, owned in ((0, (0, 1)), (1, (2, 3))):
+        got = {pipe: read_records(balancer.records, pipe) for pipe in owned}
+        for pipe in owned:  # what a worker read is the start of its pipes' streams, in order
+            assert got[pipe] == expected[pipe][: len(got[pipe])], f"pipe {pipe}"
+        assert account[worker][0] == sum(map(len, got.values())), f"worker {worker}"
+    assert account[0][1] == sum(len(expected[p]) for p in (0, 1)) - account[0][0] > 0
+    assert account[1] == (sum(len(expected[p]) for p in (2, 3)), 0)  # it read everything
+    assert account[0][0] >= stop_after  # (continued by the stop's SIGCONT, it may read a batch)
+    assert took < 2 * 1.0 + 5 + 5  # drain_timeout twice, SIGTERM's grace, and slack
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(("drain", "status"), [(30.0, ExitCode.OK), (0.3, ExitCode.UNDELIVERED)])
+def test_drain_timeout_bounds_the_wait_for_a_slow_worker(
+    tmp_path: Path, balancers: list[Balancer], drain: float, status: ExitCode
+) -> None:
+    """A slow but live worker: the fixed 10 s flush lost 5,399 events without a word. Now
+    drain_timeout says how long to wait: long enough, all delivered (exit 0); too short, what
+    was left is counted per worker and the exit is 75."""
+    seed, pipes = 11, 2
+    options = ReplayOptions(accept_keys=frozenset({KEY}), rate=20_000, seed=seed)
+    with ReplayServer(options) as server:
+        balancer = Balancer(
+            tmp_path,
+            server.url,
+            pipes=pipes,
+            workers=1,
+            sink_args=', "--delay=0.05"',
+            extra=f"drain_timeout = {drain}",
+        )
+        balancers.append(balancer)
+        balancer.wait_for(
+            lambda: (
+                "largest backlog 0 B" not in balancer.log_text()
+                and "largest backlog" in balancer.log_text()
+            ),
+            what="a backlog",
+        )
+        started = time.monotonic()
+        assert balancer.stop(timeout=60) == status
+        took = time.monotonic() - started
+    account = final_account(balancer.log_text())
+    routed = sum(d + u for d, u in account.values())
+    expected = frame_prefix(pipes, seed, routed)
+    got = [read_records(balancer.records, pipe) for pipe in range(pipes)]
+    assert got == [expected[p][: len(got[p])] for p in range(pipes)]
+    assert account[0][0] == sum(map(len, got))
+    if status == ExitCode.OK:
+        assert account[0] == (routed, 0) and got == [expected[p] for p in range(pipes)]
+    else:
+        assert account[0][1] > 0 and took < 2 * drain + 5 + 5

@@ -206,6 +206,9 @@ def test_release_re_raises_what_arrived_for_commands_that_do_not_run() -> None:
     """A SIGHUP recorded during check-config's start-up ends it as SIGHUP would have."""
     code = (
         "import signal\n"
+        # as a shell gives it; under nohup(1) SIGHUP comes in ignored, and "as it would have"
+        # is then to go on
+        "signal.signal(signal.SIGHUP, signal.SIG_DFL)\n"
         "from tradebalancer import signals\n"
         "handled = signals.install()\n"
         "signal.raise_signal(signal.SIGHUP)\n"

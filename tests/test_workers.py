@@ -175,16 +175,25 @@ def _is_open(fd: int) -> bool:
 def test_a_missing_program_is_a_worker_error(tmp_path: Path) -> None:
     """exec failing in the child comes back to the parent as a WorkerError naming the program."""
     worker = Worker(index=3, argv=["/nonexistent/worker"], read_fds=[], pipe_indexes=[])
-    with pytest.raises(WorkerError, match=r"worker 3 \(/nonexistent/worker\).*No such file"):
-        spawn(worker, cwd=str(tmp_path), env={}, now=0.0)
+    with pytest.raises(WorkerError) as caught:
+        spawn(worker, cwd=str(tmp_path), env={}, now=0.0, feed="stocks")
+    assert str(caught.value) == (
+        "cannot start worker 3: cannot run /nonexistent/worker: No such file or directory; "
+        "check feeds.stocks.command"
+    )
     assert worker.pid is None
 
 
 def test_a_missing_working_directory_is_a_worker_error(tmp_path: Path) -> None:
-    """A working directory that does not exist is reported, not a silent crash."""
+    """A working directory that does not exist is named as such (it named the interpreter)."""
     worker = Worker(index=0, argv=[sys.executable, "-c", "pass"], read_fds=[], pipe_indexes=[])
-    with pytest.raises(WorkerError, match="No such file"):
-        spawn(worker, cwd=str(tmp_path / "nope"), env={}, now=0.0)
+    with pytest.raises(WorkerError) as caught:
+        spawn(worker, cwd=str(tmp_path / "nope"), env={}, now=0.0, feed="stocks")
+    assert str(caught.value) == (
+        f"cannot start worker 0: cannot enter the working directory {tmp_path / 'nope'}: "
+        "No such file or directory; check feeds.stocks.working_directory"
+    )
+    assert sys.executable not in str(caught.value)
 
 
 def test_dead_workers_are_reaped_and_respawned_with_growing_backoff(

@@ -79,6 +79,7 @@ typedef struct {
     Event *events; /* scratch, reused across calls */
     Py_ssize_t event_capacity;
     Py_ssize_t *pipe_bytes; /* scratch: per pipe, bytes of this frame */
+    long long *pipe_events; /* per pipe, the events routed since the router was made */
     char **cursor;          /* scratch: per pipe, where the next event goes */
     PyObject **chunks;      /* scratch: per pipe, the bytes object being filled */
     Found *found;           /* scratch: per route key name, its value in this event */
@@ -807,6 +808,7 @@ static PyObject *Router_route(Router *r, PyObject *const *args, Py_ssize_t nargs
         to[3] = (char)(size >> 24);
         memcpy(to + 4, s + event->start, size);
         r->cursor[event->pipe] = to + 4 + size;
+        r->pipe_events[event->pipe]++;
     }
     PyBuffer_Release(&view);
     int failed = 0;
@@ -880,10 +882,12 @@ static int Router_init(Router *r, PyObject *args, PyObject *kwargs)
     r->keys = PyMem_Calloc((size_t)types + 1, sizeof(Name));
     r->types = PyMem_Calloc((size_t)types + 1, sizeof(TypeKey));
     r->pipe_bytes = PyMem_Calloc(pipes, sizeof(Py_ssize_t));
+    r->pipe_events = PyMem_Calloc(pipes, sizeof(long long));
     r->cursor = PyMem_Calloc(pipes, sizeof(char *));
     r->chunks = PyMem_Calloc(pipes, sizeof(PyObject *));
     r->found = PyMem_Calloc((size_t)types + 1, sizeof(Found));
-    if (!r->keys || !r->types || !r->pipe_bytes || !r->cursor || !r->chunks || !r->found) {
+    if (!r->keys || !r->types || !r->pipe_bytes || !r->pipe_events || !r->cursor || !r->chunks ||
+        !r->found) {
         PyErr_NoMemory();
         return -1;
     }
@@ -918,13 +922,32 @@ static void Router_dealloc(Router *r)
     PyMem_Free(r->types);
     PyMem_Free(r->events);
     PyMem_Free(r->pipe_bytes);
+    PyMem_Free(r->pipe_events);
     PyMem_Free(r->cursor);
     PyMem_Free(r->chunks);
     PyMem_Free(r->found);
     Py_TYPE(r)->tp_free((PyObject *)r);
 }
 
+static PyObject *Router_pipe_events(Router *r, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *counts = PyList_New(r->pipes);
+    if (counts == NULL)
+        return NULL;
+    for (uint32_t p = 0; p < r->pipes; p++) {
+        PyObject *count = PyLong_FromLongLong(r->pipe_events[p]);
+        if (count == NULL) {
+            Py_DECREF(counts);
+            return NULL;
+        }
+        PyList_SET_ITEM(counts, p, count);
+    }
+    return counts;
+}
+
 static PyMethodDef Router_methods[] = {
+    {"pipe_events", (PyCFunction)Router_pipe_events, METH_NOARGS,
+     "pipe_events() -> list[int]\n\nThe events routed to each pipe so far."},
     {"route", (PyCFunction)(void (*)(void))Router_route, METH_FASTCALL,
      "route(frame, out) -> int\n\nAppend each event of frame, length-prefixed, to out[pipe]; "
      "return the number of events, or -1 (nothing appended) to leave the frame to Python."},

@@ -6,7 +6,8 @@
 
 Exit codes (documented in README and the man page; the systemd unit depends on them):
 0 ok, 1 bug, 64 usage, 69 kernel TLS required but unavailable, 71 pipes/workers could not be
-set up, 77 the feed refused the API key, 78 configuration error or no API key.
+set up, 75 stopped with events no worker read, 77 the feed refused the API key, 78
+configuration error or no API key.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import __version__, config, credentials, plan, signals
+from . import __version__, config, credentials, plan, preflight, signals, units
 from .errors import ConfigError, ExitCode, TradeBalancerError
 from .replay import cli as replay_cli
 from .routing import balance_warning
@@ -28,8 +30,8 @@ logger = logging.getLogger("tradebalancer")
 
 _EPILOG = """\
 exit codes: 0 ok, 1 internal error, 64 usage, 69 kernel TLS required but unavailable,
-71 pipes or workers could not be set up, 77 the feed refused the API key,
-78 configuration error or no API key.
+71 pipes or workers could not be set up, 75 stopped with events no worker read,
+77 the feed refused the API key, 78 configuration error or no API key.
 
 The configuration file is %(default)s unless --config or TRADEBALANCER_CONFIG says otherwise.
 """
@@ -64,9 +66,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # --config and -v also after the command (`run feed --config x.toml`), as users type them
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help=f"the configuration file (default: {default_config})",
+    )
+    common.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log at DEBUG level"
+    )
 
     check = commands.add_parser(
         "check-config",
+        parents=[common],
         help="validate the configuration file (exit 0, or 78 with the reason)",
         description=(
             "Validate the configuration: every key, and every worker command template rendered "
@@ -81,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser(
         "run",
+        parents=[common],
         help="run one feed instance (what tradebalancer@NAME.service runs)",
         description=(
             "Connect to the feed of [feeds.NAME], start its workers, and forward every event "
@@ -121,37 +136,60 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def check_config(path: str, names: Sequence[str], *, require_key: bool) -> int:
-    """Validate the file and the named feeds (all if none); print a summary of each."""
+    """Check the named feeds (all if none) as ``run`` would, without starting anything; print
+    each one's summary or error. Exit 78 if any failed: each table is checked on its own, so
+    one bad table is reported beside the good ones and never hides them."""
     loaded = config.load(path)
-    feeds = [loaded.feed(name) for name in names] if names else list(loaded.feeds.values())
-    if not feeds:
+    names = list(names) or loaded.names
+    if not names:
         raise ConfigError("feeds", f"{path} defines no [feeds.NAME] table; add one")
-    for feed in feeds:
-        key_source = "not checked"
+    failed: list[ConfigError] = []
+    for name in names:
         try:
-            credentials.resolve_api_key(feed, os.environ)
-            key_source = credentials.describe_api_key_source(feed, os.environ)
-        except ConfigError:
-            if require_key:
+            _check_feed(loaded, loaded.feed(name), require_key=require_key)
+        except ConfigError as exc:
+            if len(names) == 1:
                 raise
-            key_source = "not found here (the unit loads it as a credential)"
-        sys.stdout.write(
-            f"feeds.{feed.name}: ok: {feed.url}, subscribe {','.join(feed.subscribe)}, "
-            f"{feed.pipes} pipes, {feed.workers} workers, TLS {feed.tls}, API key {key_source}\n"
-        )
-        if (warning := balance_warning(feed.pipes)) is not None:
-            sys.stdout.write(f"  warning: {warning}\n")
-        for worker in plan.plan_workers(feed, os.environ):
-            sys.stdout.write(f"  worker {worker.index}: {' '.join(worker.argv)}\n")
-        for other in loaded.feeds.values():
-            if other.name != feed.name and credentials.share_a_key(feed, other, os.environ):
-                sys.stdout.write(
-                    f"  warning: feeds.{feed.name} and feeds.{other.name} connect to "
-                    f"{feed.url} with the same API key: the feed allows one connection per key "
-                    "and cluster, so they would take the stream from each other in turn "
-                    "(max_connections); give one of them a key of its own\n"
-                )
+            sys.stdout.write(f"feeds.{name}: FAILED: {exc}\n")
+            failed.append(exc)
+    if failed:
+        raise ConfigError(path, f"{len(failed)} of {len(names)} feeds failed the check (above)")
     return int(ExitCode.OK)
+
+
+def _check_feed(loaded: config.Config, feed: config.FeedConfig, *, require_key: bool) -> None:
+    try:
+        credentials.resolve_api_key(feed, os.environ)
+        key_source = credentials.describe_api_key_source(feed, os.environ)
+    except ConfigError:
+        if require_key:
+            raise
+        key_source = "not found here (the unit loads it as a credential)"
+    plans = plan.plan_workers(feed, os.environ)
+    preflight.check_plans(feed, plans)
+    sys.stdout.write(
+        f"feeds.{feed.name}: ok: {feed.url}, subscribe {','.join(feed.subscribe)}, "
+        f"{units.count(feed.pipes, 'pipe')}, {units.count(feed.workers, 'worker')}, "
+        f"TLS {feed.tls}, API key {key_source}\n"
+    )
+    if (warning := balance_warning(feed.pipes, config.MAX_PIPES)) is not None:
+        sys.stdout.write(f"  warning: {warning}\n")
+    for worker in plans:
+        sys.stdout.write(f"  worker {worker.index}: {shlex.join(worker.argv)}\n")
+    for name in loaded.names:
+        if name == feed.name:
+            continue
+        try:
+            other = loaded.feed(name)
+        except ConfigError:
+            continue  # reported on its own
+        if credentials.share_a_key(feed, other, os.environ):
+            sys.stdout.write(
+                f"  warning: feeds.{feed.name} and feeds.{other.name} connect to "
+                f"{feed.url} with the same API key: the feed allows one connection per key "
+                "and cluster, so they would take the stream from each other in turn "
+                "(max_connections); give one of them a key of its own\n"
+            )
 
 
 def run(path: str, name: str) -> int:
@@ -160,6 +198,7 @@ def run(path: str, name: str) -> int:
 
     feed = config.load(path).feed(name)
     api_key = credentials.resolve_api_key(feed, os.environ)
+    preflight.check_plans(feed, plan.plan_workers(feed, os.environ))
     logger.info(
         "tradebalancer %s starting feed %s: %s, API key from %s",
         __version__,

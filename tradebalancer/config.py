@@ -2,8 +2,8 @@
 
 Owns the meaning of every key of ``/etc/tradebalancer.toml`` (``etc/tradebalancer.toml`` in
 the source tree documents each one), its default and its validation. Reads the configuration
-file and nothing else but for checking that ``ca_file`` exists; the API key file is read by
-``credentials``.
+file and nothing else but ``ca_file``, which it parses as ``run`` will; the API key file is read
+by ``credentials``. Relative paths (``ca_file``, ``api_key_file``) are relative to the file.
 
 The file holds one ``[feeds.NAME]`` table per feed instance (``tradebalancer@NAME`` under
 systemd) and an optional ``[defaults]`` table whose keys every feed inherits unless it sets
@@ -18,10 +18,12 @@ that says where the key belongs, and never repeats it.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import math
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -48,6 +50,9 @@ _FEED_NAME = re.compile(r"[A-Za-z0-9_-]+")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _CHANNEL = re.compile(r"[^,\s]+")  # the subscribe message joins channels with commas
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")  # ${NAME} in a path
+# apiKey=..., api_key=..., token=...: where the key would be logged with the URL
+_SECRET_IN_QUERY = re.compile(r"[?&](api[-_]?key|apikey|key|token|secret|password)=", re.I)
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 _TOML_POSITION = re.compile(r"^(?P<reason>.*) \(at line (?P<line>\d+), column (?P<column>\d+)\)$")
 _Values = dict[str, tuple[object, str]]  # flat key ("reconnect.max") -> (value, key path)
 _Choice = TypeVar("_Choice", bound=str)
@@ -109,6 +114,7 @@ class FeedConfig:
     backlog_limit: int
     batch_bytes: int
     stats_interval: float
+    drain_timeout: float  # on stop: how long the pipes may take to drain into the workers
     route_keys: Mapping[str, str]
     route_key_default: str
 
@@ -126,24 +132,48 @@ _SUBTABLES: Mapping[str, frozenset[str] | None] = {
 
 @dataclass(frozen=True)
 class Config:
-    """The whole file: its feeds by name, and where it was read from."""
+    """The whole file: its feeds' tables by name, each validated when it is asked for.
 
-    feeds: Mapping[str, FeedConfig]
+    One feed's mistakes never stop another: ``feed(NAME)`` checks that table (with
+    ``[defaults]``) alone, so ``run b`` and ``check-config b`` work beside a broken
+    ``[feeds.a]``, as one systemd instance must not fail for another's table. ``feeds``
+    validates them all (``check-config`` with no name).
+    """
+
+    tables: Mapping[str, object]  # each [feeds.NAME] table, as written (checked when asked for)
+    defaults: Mapping[str, object]
     path: str
 
+    @property
+    def names(self) -> list[str]:
+        """The feed names the file defines, in its order."""
+        return list(self.tables)
+
+    @property
+    def feeds(self) -> Mapping[str, FeedConfig]:
+        """Every feed, validated; the first bad one raises its ConfigError."""
+        return MappingProxyType({name: self.feed(name) for name in self.tables})
+
     def feed(self, name: str) -> FeedConfig:
-        """Return feed ``name``; raise ConfigError listing the defined feeds if there is none."""
-        try:
-            return self.feeds[name]
-        except KeyError:
-            defined = ", ".join(sorted(self.feeds)) or "none"
+        """Return feed ``name``, validated; ConfigError naming the key, or listing the feeds
+        the file defines if there is no such table."""
+        if name not in self.tables:
+            defined = ", ".join(sorted(self.tables)) or "none"
             raise ConfigError(
                 f"feeds.{name}", f"no [feeds.{name}] table in {self.path}; defined feeds: {defined}"
-            ) from None
+            )
+        if not _FEED_NAME.fullmatch(name):
+            raise ConfigError(
+                f"feeds.{name}",
+                "a feed name must be letters, digits, _ and - (it names the systemd instance "
+                f"tradebalancer@NAME), got {_describe(name)}",
+            )
+        table = _table(self.tables[name], f"feeds.{name}")
+        return _feed(name, _collect(self.defaults, table, name), Path(self.path).parent)
 
 
 def load(path: str | os.PathLike[str]) -> Config:
-    """Read and validate the file at ``path``; raise ConfigError saying what is wrong where."""
+    """Read the file at ``path`` (see ``loads``); raise ConfigError saying what is wrong where."""
     where = os.fspath(path)
     try:
         text = Path(where).read_bytes().decode("utf-8")
@@ -159,7 +189,9 @@ def load(path: str | os.PathLike[str]) -> Config:
 
 
 def loads(text: str, path: str = "<string>") -> Config:
-    """Validate the TOML ``text``; ``path`` names it in messages and anchors relative paths."""
+    """Parse the TOML ``text`` and check what every feed shares (the file's structure,
+    ``[defaults]``); each feed's table is checked when asked for (``Config.feed``). ``path``
+    names the file in messages and anchors relative paths."""
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -176,17 +208,7 @@ def loads(text: str, path: str = "<string>") -> Config:
     defaults = _table(document.get("defaults", {}), "defaults", "a table ([defaults])")
     feeds = _table(document.get("feeds", {}), "feeds", "a table of [feeds.NAME] tables")
     _collect(defaults, {}, "")  # unknown keys in [defaults] are errors even with no feed
-    base = Path(path).parent
-    parsed = {}
-    for name, table in feeds.items():
-        if not _FEED_NAME.fullmatch(name):
-            raise ConfigError(
-                f"feeds.{name}",
-                "a feed name must be letters, digits, _ and - (it names the systemd instance "
-                f"tradebalancer@NAME), got {_describe(name)}",
-            )
-        parsed[name] = _feed(name, _collect(defaults, _table(table, f"feeds.{name}"), name), base)
-    return Config(MappingProxyType(parsed), path)
+    return Config(MappingProxyType(feeds), MappingProxyType(defaults), path)
 
 
 def _collect(defaults: Mapping[str, object], table: Mapping[str, object], name: str) -> _Values:
@@ -224,11 +246,10 @@ def _feed(name: str, values: _Values, base: Path) -> FeedConfig:
     ca_file = read.optional("ca_file")
     if ca_file is not None:
         ca_file = str(base / ca_file)  # relative to the configuration file
-        if not os.path.isfile(ca_file):
-            raise ConfigError(
-                read.path("ca_file"),
-                f"must name a PEM CA bundle, got {_describe(ca_file)}, which is not a file",
-            )
+        _check_ca_file(ca_file, read.path("ca_file"))
+    api_key_file = read.string("api_key_file", DEFAULT_API_KEY_FILE, variables=True)
+    if api_key_file and not api_key_file.startswith(("/", "${")):
+        api_key_file = str(base / api_key_file)  # relative to the configuration file, as ca_file
     route_keys = dict(DEFAULT_ROUTE_KEYS)
     for key, (value, path) in values.items():
         if key.startswith("route_keys."):
@@ -266,7 +287,7 @@ def _feed(name: str, values: _Values, base: Path) -> FeedConfig:
                 "subscribe", ["T.*"], _CHANNEL, "one channel like T.AAPL (no comma, no space)"
             )
         ),
-        api_key_file=read.string("api_key_file", DEFAULT_API_KEY_FILE, variables=True),
+        api_key_file=api_key_file,
         api_key_env=tuple(
             read.strings(
                 "api_key_env",
@@ -296,6 +317,7 @@ def _feed(name: str, values: _Values, base: Path) -> FeedConfig:
         backlog_limit=read.integer("backlog_limit", 32 << 20, 65536, None, " (bytes)"),
         batch_bytes=read.integer("batch_bytes", 1 << 20, 4096, 256 << 20, " (bytes)"),
         stats_interval=read.number("stats_interval", 5.0),
+        drain_timeout=read.number("drain_timeout", 10.0, strict=False),
         route_keys=MappingProxyType(route_keys),
         route_key_default=read.string("route_key_default", DEFAULT_ROUTE_KEY, empty=False),
     )
@@ -399,6 +421,14 @@ def _cpu_count() -> int:
 def _url(value: object, path: str) -> tuple[str, str, int, str, bool]:
     url = _string(value, path, empty=False)
     expected = f"must be a ws:// or wss:// URL like {DEFAULT_URL}, got {_describe(url)}"
+    if _SECRET_IN_QUERY.search(url):
+        # Not echoed: the URL is logged, and this is where a key must never be.
+        raise ConfigError(
+            path,
+            "must not carry the API key (apiKey=... in the query): the URL is logged and shown "
+            "by check-config; put the key in the file api_key_file names, and the balancer "
+            "sends it in the auth message",
+        )
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -411,9 +441,48 @@ def _url(value: object, path: str) -> tuple[str, str, int, str, bool]:
         raise ConfigError(path, "must not hold a user name or password (the URL is logged)")
     if parts.fragment:  # RFC 6455 section 3: fragments are meaningless in websocket URIs
         raise ConfigError(path, f"{expected} (no #fragment)")
+    if port == 0:
+        raise ConfigError(path, f"{expected} (port 0: give a port from 1 to 65535, or none)")
+    if not _valid_host(parts.hostname):
+        raise ConfigError(
+            path, f"{expected} (the host {parts.hostname!r} is neither a DNS name nor an address)"
+        )
     secure = parts.scheme == "wss"
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return url, parts.hostname, port or (443 if secure else 80), target, secure
+
+
+def _valid_host(host: str) -> bool:
+    """A DNS name (RFC 1123 labels; "_" allowed, as some internal names have it) or an
+    IPv4 or IPv6 address."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return len(host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in host.split("."))
+    return True
+
+
+def _check_ca_file(ca_file: str, path: str) -> None:
+    """Parse ``ca_file`` as ``run`` will: a bundle OpenSSL cannot load fails here, not at
+    every connection attempt forever."""
+    if not os.path.isfile(ca_file):
+        raise ConfigError(
+            path, f"must name a PEM CA bundle, got {_describe(ca_file)}, which is not a file"
+        )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cafile=ca_file)
+    except (ssl.SSLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(
+            path,
+            f"must name a PEM CA bundle, got {_describe(ca_file)}, which OpenSSL cannot load "
+            f"({reason}); point it at the PEM file of the CA that signed the feed's certificate",
+        ) from exc
+    if not context.get_ca_certs():
+        raise ConfigError(
+            path, f"must name a PEM CA bundle, got {_describe(ca_file)}, which holds no CA"
+        )
 
 
 def _describe(value: object) -> str:

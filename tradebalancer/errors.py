@@ -32,6 +32,7 @@ class ExitCode(enum.IntEnum):
     USAGE = 64  # EX_USAGE: bad command line
     UNAVAILABLE = 69  # EX_UNAVAILABLE: tls = "kernel" and the kernel cannot take the session
     OSERR = 71  # EX_OSERR: pipes or workers could not be set up
+    UNDELIVERED = 75  # EX_TEMPFAIL: stopped, with events the workers did not take (logged)
     NOPERM = 77  # EX_NOPERM: the feed refused the API key (auth_failed)
     CONFIG = 78  # EX_CONFIG: the configuration is invalid or the API key is missing
 

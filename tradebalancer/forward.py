@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from .config import FeedConfig
+from .config import MAX_PIPES, FeedConfig
 from .errors import FrameError
 from .pipes import PipeSet
 from .reader.format import LIMIT
@@ -56,7 +56,7 @@ class Forwarder:
         self._next_reject_log = 0.0
         self._unkeyed_logged = 0
         self.paused = False  # backpressure: the connection must not read
-        if (warning := balance_warning(config.pipes)) is not None:
+        if (warning := balance_warning(config.pipes, MAX_PIPES)) is not None:
             logger.warning("%s", warning)
         if not accelerated():
             logger.warning(

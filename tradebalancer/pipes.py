@@ -97,13 +97,34 @@ class Pipe:
         fcntl.ioctl(self.read_fd, _FIONREAD, buffer)
         return int.from_bytes(buffer, "little")
 
+    def close_write(self) -> None:
+        """Close the write end: a worker reads what the pipe holds, then sees end of file."""
+        if self.write_fd >= 0:
+            os.close(self.write_fd)
+            self.write_fd = -1
+
+    def remainder(self) -> Iterator[bytes | memoryview]:
+        """Yield what no worker took, in stream order: the bytes left in the pipe (read out
+        through our read end, which empties it), then the backlog that never entered it. Only
+        once no worker reads the pipe any more."""
+        os.set_blocking(self.read_fd, False)
+        while True:
+            try:
+                chunk = os.read(self.read_fd, 1 << 20)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            yield chunk
+        yield from self.backlog
+
     def close(self) -> None:
         """Close both ends (their numbers become -1); a worker reading on sees end of file."""
         if not self.closed:
             self.closed = True
-            os.close(self.write_fd)
+            self.close_write()
             os.close(self.read_fd)
-            self.write_fd = self.read_fd = -1
+            self.read_fd = -1
 
     def _broken(self, exc: OSError) -> WorkerError:
         return WorkerError(
@@ -124,9 +145,9 @@ class PipeSet:
         self.backlog_bytes = 0  # queued in all backlogs after the last write or flush
 
     @classmethod
-    def open(cls, count: int, size: int, *, largest: bool = False) -> PipeSet:
+    def open(cls, count: int, size: int, *, largest: bool = False, feed: str = "NAME") -> PipeSet:
         """Open ``count`` pipes of about ``size`` bytes (see ``open_pipes``)."""
-        return cls(open_pipes(count, size, largest=largest))
+        return cls(open_pipes(count, size, largest=largest, feed=feed))
 
     def __len__(self) -> int:
         return len(self._pipes)
@@ -188,6 +209,11 @@ class PipeSet:
             )
         return left
 
+    def close_writes(self) -> None:
+        """Close every write end: the workers read what the pipes hold, then end of file."""
+        for pipe in self._pipes:
+            pipe.close_write()
+
     def close(self) -> None:
         """Close every pipe."""
         close_pipes(self._pipes)
@@ -196,7 +222,7 @@ class PipeSet:
 _FIONREAD = 0x541B  # termios.FIONREAD on Linux
 
 
-def open_pipes(count: int, size: int, *, largest: bool = False) -> list[Pipe]:
+def open_pipes(count: int, size: int, *, largest: bool = False, feed: str = "NAME") -> list[Pipe]:
     """Create ``count`` pipes of about ``size`` bytes, logging the size the kernel granted.
 
     F_SETPIPE_SZ may grant more than asked (it rounds up to a power-of-two number of pages) or
@@ -218,7 +244,7 @@ def open_pipes(count: int, size: int, *, largest: bool = False) -> list[Pipe]:
         close_pipes(pipes)
         raise WorkerError(
             f"cannot create pipe {len(pipes)} of {count}: {exc.strerror}; "
-            "lower feeds.<name>.pipes or raise the open-file limit (LimitNOFILE=)"
+            f"lower feeds.{feed}.pipes or raise the open-file limit (LimitNOFILE=)"
         ) from exc
     granted = "/".join(format_size(s) for s in sorted({pipe.size for pipe in pipes}))
     if not refusals or (largest and refusals == {errno.ENOMEM}):
@@ -227,6 +253,17 @@ def open_pipes(count: int, size: int, *, largest: bool = False) -> list[Pipe]:
         logger.warning(
             "%d pipes: asked for %s each, the kernel granted %s, the largest pipe it can "
             "allocate; lower pipe_size",
+            count,
+            format_size(size),
+            granted,
+        )
+    elif size <= pipe_max_size():
+        # EPERM within fs.pipe-max-size: this user's pipes hold more pages than
+        # fs.pipe-user-pages-soft allows an unprivileged user (pipe(7))
+        logger.warning(
+            "%d pipes: asked for %s each, the kernel granted %s: this user's pipes reached "
+            "fs.pipe-user-pages-soft; raise it (the package's sysctl.d drop-in sets 0, no "
+            "limit), lower pipe_size or pipes, or run with CAP_SYS_RESOURCE",
             count,
             format_size(size),
             granted,
@@ -247,16 +284,17 @@ def _set_size(fd: int, size: int, refusals: set[int]) -> int:
 
     Adds the errno of every refusal to ``refusals``.
     """
-    wanted = size
-    while wanted >= DEFAULT_PIPE_SIZE:
+    wanted = size  # asked for as is, smaller than the default pipe too (the kernel takes a page)
+    while True:
         try:
             return fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, wanted)
         except OSError as exc:
             if exc.errno not in (errno.EPERM, errno.EINVAL, errno.ENOMEM):
                 raise
             refusals.add(exc.errno)
-            wanted //= 2
-    return fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+            if wanted <= DEFAULT_PIPE_SIZE:
+                return fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+            wanted = max(wanted // 2, DEFAULT_PIPE_SIZE)
 
 
 def flush_pipes(

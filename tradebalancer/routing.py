@@ -100,7 +100,7 @@ class PipeMap:
         return len(self._pipes)
 
 
-def balance_warning(pipes: int) -> str | None:
+def balance_warning(pipes: int, maximum: int) -> str | None:
     """Return a warning if ``pipes`` is a count the C mapping spreads badly, else None.
 
     With a power of two, ``(h >> 32) % pipes`` keeps only hash bits 32 and up to log2(pipes),
@@ -109,8 +109,9 @@ def balance_warning(pipes: int) -> str | None:
     """
     if pipes < 2 or pipes & (pipes - 1):
         return None
+    odd = f"{pipes - 1} or {pipes + 1}" if pipes < maximum else f"{pipes - 1}"
     return (
         f"pipes = {pipes} is a power of two: the lb-compatible symbol mapping then spreads "
-        f"short tickers very unevenly over the pipes; use an odd count such as {pipes - 1} "
-        f"or {pipes + 1} unless you must match an existing lb deployment"
+        f"short tickers very unevenly over the pipes; use an odd count such as {odd} "
+        "unless you must match an existing lb deployment"
     )

@@ -26,6 +26,7 @@ import signal
 import time
 from collections.abc import Callable, Mapping
 
+from . import delivery
 from .backoff import Backoff
 from .config import FeedConfig
 from .connection import FeedConnection
@@ -44,9 +45,7 @@ from .workers import WorkerPool
 logger = logging.getLogger(__name__)
 
 _MAX_READS_PER_WAKEUP = 16  # then serve timers and pipes before reading on
-FLUSH_TIMEOUT = 10.0  # on shutdown: how long backlogs may take to reach the pipes
-WORKER_EXIT_TIMEOUT = 10.0  # on shutdown: how long workers get to drain their pipes and exit
-WORKER_TERM_TIMEOUT = 5.0  # then SIGTERM, and SIGKILL after this
+WORKER_TERM_TIMEOUT = 5.0  # on shutdown, after drain_timeout twice: SIGTERM, SIGKILL after this
 
 
 class Service:
@@ -137,7 +136,7 @@ class Service:
         plans = plan_workers(config, self.environ)  # a bad template fails before any pipe
         largest = config.pipe_size == "max"
         size = pipe_max_size() if largest else int(config.pipe_size)
-        self.pipes = PipeSet.open(config.pipes, size, largest=largest)
+        self.pipes = PipeSet.open(config.pipes, size, largest=largest, feed=config.name)
         owners = {pipe: plan.index for plan in plans for pipe in plan.pipes}
         self.forwarder = Forwarder(config, self.pipes, self.stats, owners)
         self.pool = WorkerPool.from_plans(
@@ -146,6 +145,7 @@ class Service:
             respawn_initial=config.worker_restart.initial,
             respawn_max=config.worker_restart.max,
             scheduling=config.worker_scheduling,
+            feed=config.name,
         )
         self.pool.spawn_all(self.clock())
 
@@ -278,17 +278,31 @@ class Service:
     # -- shutdown --------------------------------------------------------------------------
 
     def _shutdown(self) -> None:
+        """Stop reading, give the workers ``drain_timeout`` to take what is held for them and
+        as long again to exit, then count what each took (delivery.py) and say it."""
         self._stopping = True
         backlog = self.pipes.backlog_bytes
         self.notifier.stopping(f"stopping: flushing {format_size(backlog)} to the workers")
         self._drop_connection()
-        pool = self.pool
+        pool, drain = self.pool, self.config.drain_timeout
         if pool is not None:
             pool.cancel_respawns()
-        self.pipes.drain(FLUSH_TIMEOUT, self.clock, pool.read_pipes if pool is not None else None)
-        self.pipes.close()
+        self.pipes.drain(drain, self.clock, pool.read_pipes if pool is not None else None)
+        self.pipes.close_writes()
         if pool is not None:
-            # The pipes are closed: each worker reads what is left, sees end of file and exits.
-            pool.stop(WORKER_EXIT_TIMEOUT, WORKER_TERM_TIMEOUT, self.clock)
+            # Each worker reads what is left, sees end of file and exits, or is made to.
+            pool.stop(drain, WORKER_TERM_TIMEOUT, self.clock)
+        if self.forwarder is not None and pool is not None:
+            accounts = delivery.account(
+                self.forwarder.splitter.pipe_events(),
+                {pipe.index: delivery.left_in(pipe.remainder()) for pipe in self.pipes},
+                {pipe: worker.index for worker in pool.workers for pipe in worker.pipe_indexes},
+            )
+            if any(account.undelivered for account in accounts):
+                logger.error("%s", delivery.describe(accounts))
+                if self.exit_code == ExitCode.OK:
+                    self.exit_code = ExitCode.UNDELIVERED
+            else:
+                logger.info("%s", delivery.describe(accounts))
+        self.pipes.close()
         self.poller.close()
-        logger.info("stopped: %s events forwarded", f"{self.stats.events:,}")

@@ -176,8 +176,10 @@ def _emit(
     head: _Head,
     out: list[list[bytes]],
     headers: list[bytes],
+    counts: list[int],
 ) -> bool:
-    """Append header and event for each piece to its pipe's list; on failure undo and say so.
+    """Append header and event for each piece to its pipe's list and count it in ``counts``;
+    on failure undo and say so.
 
     ``headers`` is indexed by event length; an event too long for it fails the piece.
     """
@@ -191,6 +193,7 @@ def _emit(
             target = out[pipe]
             target.append(headers[len(event)])
             target.append(event)
+            counts[pipe] += 1
     except (_NotFast, IndexError):
         # Undo in reverse order: the two last entries of each pipe's list are then always the
         # ones this piece added. Identical pieces fail alike, so index() finds the failed one.
@@ -200,6 +203,7 @@ def _emit(
             if pipe is None:
                 pipe = resolve(done, head)
             del out[pipe][-2:]
+            counts[pipe] -= 1
         return False
     return True
 
@@ -247,6 +251,7 @@ class Splitter:
         self.unkeyed_events = 0
         self.refused_events = 0  # of limit bytes or more: the pipe format cannot carry them
         self.last_refused: tuple[int, bytes] | None = None  # the last one's size and first bytes
+        self._pipe_events = [0] * pipes  # routed by the Python paths, per pipe
         self._heads: dict[bytes, _Head | None] = {}
         self._key_pipes: dict[bytes, int] = {}
         self._head_pipes: dict[bytes, dict[bytes, int]] = {}
@@ -284,6 +289,12 @@ class Splitter:
             raise
         self.slow_frames += 1
         return routed
+
+    def pipe_events(self) -> list[int]:
+        """The events routed to each pipe so far, by the C router and the Python paths."""
+        if self._router is None:
+            return list(self._pipe_events)
+        return [a + b for a, b in zip(self._router.pipe_events(), self._pipe_events, strict=True)]
 
     @property
     def cache_entries(self) -> int:
@@ -349,6 +360,7 @@ class Splitter:
             head,
             out,
             self._headers,
+            self._pipe_events,
         ):
             return -1
         return len(pieces)
@@ -367,7 +379,15 @@ class Splitter:
             return -1
         cache = self._head_pipes.setdefault(head.key, {})
         if not _emit(
-            pieces, _EVENT_PAIR, _HEAD_WINDOW, cache, self._resolve_head, head, out, self._headers
+            pieces,
+            _EVENT_PAIR,
+            _HEAD_WINDOW,
+            cache,
+            self._resolve_head,
+            head,
+            out,
+            self._headers,
+            self._pipe_events,
         ):
             return -1
         return len(pieces)
@@ -454,10 +474,12 @@ class Splitter:
                 unkeyed += 1
             routes.append((self._pipe_map.pipe(key), frame[start:end]))
         header = format.header
+        counts = self._pipe_events
         for pipe, event in routes:
             target = out[pipe]
             target.append(header(len(event)))
             target.append(event)
+            counts[pipe] += 1
         status.extend(statuses)
         self.unkeyed_events += unkeyed
         self.refused_events += refused

@@ -1,11 +1,12 @@
 """Quantities for humans: byte sizes in the log lines and the status line.
 
-Owns how the project writes a size ("1 MiB", "512 KiB", "23.31 MiB"). No I/O, no state.
+Owns how the project writes a size ("1 MiB", "512 KiB", "23.31 MiB") and a count of things
+("1 worker", "3 workers", "1,356,073 events"). No I/O, no state.
 """
 
 from __future__ import annotations
 
-__all__ = ["format_size"]
+__all__ = ["count", "format_size"]
 
 
 def format_size(size: float) -> str:
@@ -15,3 +16,8 @@ def format_size(size: float) -> str:
             return f"{size:g} {unit}" if unit == "B" else f"{size:.4g} {unit}"
         size /= 1024
     raise AssertionError("unreachable")
+
+
+def count(number: int, thing: str, plural: str | None = None) -> str:
+    """``number`` things, in words: "1 worker", "2 workers", "1,500 events"."""
+    return f"{number:,} {thing if number == 1 else plural or thing + 's'}"

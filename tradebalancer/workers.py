@@ -78,7 +78,13 @@ class Worker:
 
 
 def spawn(
-    worker: Worker, *, cwd: str, env: Mapping[str, str], now: float, batch: bool = False
+    worker: Worker,
+    *,
+    cwd: str,
+    env: Mapping[str, str],
+    now: float,
+    batch: bool = False,
+    feed: str = "NAME",
 ) -> None:
     """Fork and exec ``worker``; raise WorkerError if the program cannot be started.
 
@@ -112,11 +118,8 @@ def spawn(
         failure = status.read()
     if failure:
         os.waitpid(pid, 0)
-        raise WorkerError(
-            f"cannot start worker {worker.index} ({worker.argv[0]}): "
-            f"{failure.decode(errors='replace')}; check feeds.<name>.command and "
-            "working_directory"
-        )
+        key, _, reason = failure.decode(errors="replace").partition("\n")
+        raise WorkerError(f"cannot start worker {worker.index}: {reason}; check feeds.{feed}.{key}")
     worker.pid = pid
     worker.started_at = now
     worker.exit_status = None
@@ -127,6 +130,7 @@ def spawn(
 def _exec_child(  # pragma: no cover - runs between fork and exec
     worker: Worker, cwd: str, env: dict[str, str], parent: int, status_write: int, batch: bool
 ) -> None:
+    step = "command\ncannot prepare the worker"
     try:
         # Die with the balancer, and close the race where it died before this line ran.
         prctl.set_pdeathsig(signal.SIGTERM)
@@ -154,12 +158,15 @@ def _exec_child(  # pragma: no cover - runs between fork and exec
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)
+        # What failed goes back as "KEY\nREASON", KEY the configuration key that fixes it.
+        step = "working_directory\ncannot enter the working directory " + cwd
         os.chdir(cwd)
+        step = "command\ncannot run " + worker.argv[0]
         os.execvpe(worker.argv[0], worker.argv, env)
     except BaseException as exc:
-        message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        message = exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)
         try:
-            os.write(status_write, f"{message} ({type(exc).__name__})".encode())
+            os.write(status_write, f"{step}: {message}".encode())
         finally:
             os._exit(127)
 
@@ -202,8 +209,10 @@ class WorkerPool:
         respawn_initial: float = 1.0,
         respawn_max: float = 30.0,
         scheduling: Literal["batch", "other"] = "batch",
+        feed: str = "NAME",
     ) -> None:
         self.workers = list(workers)
+        self.feed = feed  # names the keys in error messages
         self.scheduling = scheduling  # "batch": SCHED_BATCH, see the module docstring
         self._policy_warned = False
         self.cwd = cwd
@@ -221,6 +230,7 @@ class WorkerPool:
         respawn_initial: float = 1.0,
         respawn_max: float = 30.0,
         scheduling: Literal["batch", "other"] = "batch",
+        feed: str = "NAME",
     ) -> WorkerPool:
         """The pool of a feed's planned workers; ``read_fds[i]`` is pipe i's read end."""
         workers = [
@@ -239,6 +249,7 @@ class WorkerPool:
             respawn_initial=respawn_initial,
             respawn_max=respawn_max,
             scheduling=scheduling,
+            feed=feed,
         )
 
     def spawn_all(self, now: float) -> None:
@@ -336,6 +347,7 @@ class WorkerPool:
         if self.running():
             logger.warning("workers still running after %.0f s: sending SIGTERM", exit_timeout)
             self.signal_all(signal.SIGTERM)
+            self.signal_all(signal.SIGCONT)  # a stopped worker acts on it only once continued
             self._wait(term_timeout, clock)
         if self.running():
             logger.error("workers ignored SIGTERM: sending SIGKILL")
@@ -357,7 +369,14 @@ class WorkerPool:
             worker.respawn_at = None
 
     def _spawn(self, worker: Worker, now: float) -> None:
-        spawn(worker, cwd=self.cwd, env=worker.env, now=now, batch=self.scheduling == "batch")
+        spawn(
+            worker,
+            cwd=self.cwd,
+            env=worker.env,
+            now=now,
+            batch=self.scheduling == "batch",
+            feed=self.feed,
+        )
         if self.scheduling == "batch" and not self._policy_warned:
             self._check_policy(worker)
 
