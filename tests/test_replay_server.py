@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,7 @@ from websockets.sync.client import connect
 
 from tradebalancer.errors import ConfigError
 from tradebalancer.replay import ReplayServer
-from tradebalancer.replay.stream import AUTH_SUCCESS
+from tradebalancer.replay.stream import AUTH_SUCCESS, CONNECTED
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +73,57 @@ def test_stop_closes_clients_with_going_away() -> None:
             server.stop()
         _, closed = receive_all(ws)
     assert closed.rcvd is not None and closed.rcvd.code == 1001
+
+
+def thread_cpu_seconds(thread: threading.Thread) -> float:
+    """The CPU time, user and system, one thread of this process has used (proc(5), stat)."""
+    assert thread.native_id is not None
+    stat = Path(f"/proc/self/task/{thread.native_id}/stat").read_text()
+    fields = stat.rpartition(")")[2].split()  # after the name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def start_and_find_thread(server: ReplayServer) -> threading.Thread:
+    """Start the server and return the thread it serves in."""
+    before = set(threading.enumerate())
+    server.start()
+    (thread,) = set(threading.enumerate()) - before
+    return thread
+
+
+def test_idle_server_sleeps() -> None:
+    """With no client, the server's thread sleeps: it uses well under 5% of a core over 2 s."""
+    # It spun at 20-90% of a core (select with a timeout of 0, 30,000 times a second). CPU
+    # time, unlike wall time, does not grow while a loaded machine leaves the thread waiting.
+    server = ReplayServer(options())
+    thread = start_and_find_thread(server)
+    try:
+        time.sleep(0.1)  # past the start
+        used, started = thread_cpu_seconds(thread), time.monotonic()
+        time.sleep(2.0)
+        used, elapsed = thread_cpu_seconds(thread) - used, time.monotonic() - started
+    finally:
+        server.stop()
+    assert used / elapsed < 0.05, f"{used:.2f} s of CPU in {elapsed:.2f} s"
+
+
+def test_idle_server_answers_a_client_and_a_stop_at_once() -> None:
+    """Sleeping between clients, the server still greets a new client and stops without delay."""
+    server = ReplayServer(options())
+    start_and_find_thread(server)
+    try:
+        for _ in range(2):  # the first client, then one after the server was idle again
+            time.sleep(0.3)  # into the idle wait (up to 1 s)
+            started = time.monotonic()
+            with connect(server.url, open_timeout=5) as ws:
+                assert ws.recv(timeout=5, decode=False) == CONNECTED
+                greeted = time.monotonic() - started
+            assert greeted < 0.5
+        time.sleep(0.3)
+    finally:
+        started = time.monotonic()
+        server.stop()
+    assert time.monotonic() - started < 0.5
 
 
 def test_configuration_errors(tmp_path: Path) -> None:

@@ -4,7 +4,8 @@ Every error the package raises on purpose derives from one root, so the service 
 command line can tell "our" failures (a message for the user) from bugs (a traceback)::
 
     TradeBalancerError
-     +-- ConfigError        the TOML file, the worker template, the command line  -> exit 78
+     +-- ConfigError        the TOML file, the worker template                    -> exit 78
+     |    +-- UsageError    a command-line option (replay's --port, --rate, ...)  -> exit 64
      +-- FeedError          the feed broke its protocol or refused us
      |    +-- AuthError     the API key was refused                               -> exit 77
      |    +-- FrameError    a data frame that is not a JSON array of objects      -> dropped
@@ -57,6 +58,12 @@ class ConfigError(TradeBalancerError):
         if not self.key_path:
             return self.message
         return f"{self.key_path}: {self.message}"
+
+
+class UsageError(ConfigError):
+    """A command-line option is wrong: names the option, what was expected and what was found."""
+
+    exit_code = ExitCode.USAGE
 
 
 class FeedError(TradeBalancerError):

@@ -6,13 +6,25 @@ Owns a listening socket and the connections to it, served by one background thre
 (``connection.py``: the feed's protocol, pings, pacing, the cut). Its command line is
 ``cli.py``.
 
+Design notes:
+
+* The loop sleeps in ``select`` until a socket is ready or the earliest connection timer is
+  due (``Connection.next_deadline``, an absolute ``time.monotonic()``), and at most
+  ``IDLE_WAIT`` seconds: an idle feed wakes about once a second. A new client wakes it through
+  the listener and ``stop`` through a socket pair, so neither waits for the timeout.
+* Options it cannot use (a certificate that does not load, an address it cannot listen on)
+  raise ``ConfigError`` whose key path is the ``ReplayOptions`` field at fault, so the command
+  line can name its option.
+
 It never touches anything but its own sockets, and it is not part of the service.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import math
 import selectors
 import socket
 import ssl
@@ -26,6 +38,8 @@ from .options import ReplayOptions, ReplayStats
 from .stream import load_stream
 
 logger = logging.getLogger(__name__)
+
+IDLE_WAIT = 1.0  # seconds: the longest the loop sleeps when no timer is due
 
 
 class ReplayServer:
@@ -57,16 +71,11 @@ class ReplayServer:
 
     def start(self) -> None:
         """Bind, listen and start serving in a background thread."""
-        address = f"{self.options.host}:{self.options.port}"
         try:
-            info = socket.getaddrinfo(self.options.host, self.options.port, type=socket.SOCK_STREAM)
-            listener = socket.socket(info[0][0], socket.SOCK_STREAM)
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind(info[0][4])
-            listener.listen(64)
-        except OSError as exc:
+            listener = _listen(self.options.host, self.options.port)
+        except (ConfigError, TransportError):
             self.stop()
-            raise TransportError(address, f"cannot listen: {exc.strerror or exc}") from exc
+            raise
         listener.setblocking(False)
         self._listener = listener
         self.port = listener.getsockname()[1]
@@ -116,8 +125,14 @@ class ReplayServer:
         try:
             while self._running:
                 now = time.monotonic()
-                timeout = min((c.next_deadline() for c in self._connections.values()), default=1)
-                for key, mask in self._selector.select(max(0.0, min(timeout - now, 1.0))):
+                # Deadlines are absolute, on the monotonic clock; select takes a wait relative
+                # to now. Without a connection there is no deadline (infinity), not one at 1 s
+                # of the clock: that instant is long past, so the wait was 0 and an idle feed
+                # spun at 30,000 passes a second.
+                deadline = min(
+                    (c.next_deadline() for c in self._connections.values()), default=math.inf
+                )
+                for key, mask in self._selector.select(max(0.0, min(deadline - now, IDLE_WAIT))):
                     now = time.monotonic()
                     if key.fileobj is self._listener:
                         self._accept(now)
@@ -177,6 +192,53 @@ class ReplayServer:
                 connection.on_readable(now)  # nothing to read yet: starts the handshake
 
 
+_ANY_ADDRESS = "give an address of this machine, such as 127.0.0.1, ::1 or 0.0.0.0 (all)"
+_OTHER_PORT = "choose another port, or 0 for any free one"
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Return a socket listening on ``host``:``port``; ConfigError names the option at fault."""
+    # getaddrinfo takes the port as a string, and the C library keeps its low 16 bits: 99999
+    # would listen on 34463.
+    if not 0 <= port <= 65535:
+        raise ConfigError("port", f"must be an integer from 0 to 65535, got {port}; {_OTHER_PORT}")
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ConfigError(
+            "host", f"cannot resolve {host!r} ({exc.strerror}); {_ANY_ADDRESS}"
+        ) from exc
+    family, _, _, _, sockaddr = info[0]
+    try:
+        listener = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise TransportError(address, f"cannot listen: {exc.strerror or exc}") from exc
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(sockaddr)
+        listener.listen(64)
+    except OSError as exc:
+        listener.close()
+        raise _listen_error(host, port, address, exc) from exc
+    return listener
+
+
+def _listen_error(host: str, port: int, address: str, exc: OSError) -> Exception:
+    """The error to raise when ``bind`` or ``listen`` failed: the option at fault if known."""
+    if exc.errno == errno.EADDRINUSE:
+        return ConfigError("port", f"{address} is already in use; {_OTHER_PORT}")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return ConfigError("host", f"{host} is not an address of this machine; {_ANY_ADDRESS}")
+    if exc.errno == errno.EACCES:
+        return ConfigError(
+            "port",
+            f"no permission to listen on port {port} (below 1024 needs the "
+            "CAP_NET_BIND_SERVICE capability); choose one from 1024 up, or 0 for any free one",
+        )
+    return TransportError(address, f"cannot listen: {exc.strerror or exc}")
+
+
 def _tls_context(options: ReplayOptions) -> ssl.SSLContext:
     """A server context with the certificate chain: TLS 1.2 and 1.3 (or up to the maximum)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -186,8 +248,10 @@ def _tls_context(options: ReplayOptions) -> ssl.SSLContext:
     try:
         context.load_cert_chain(options.certfile or "", options.keyfile)
     except (OSError, ssl.SSLError) as exc:
+        key = f"the key {options.keyfile}" if options.keyfile else "its key (in the same file)"
         raise ConfigError(
-            "replay.certfile",
-            f"cannot load the certificate {options.certfile} and key {options.keyfile}: {exc}",
+            "certfile",
+            f"cannot load the certificate {options.certfile} and {key}: {exc}; give a PEM "
+            "certificate chain and its private key",
         ) from exc
     return context

@@ -150,6 +150,9 @@ def record(options: ReplayOptions, path: str) -> int:
     try:
         written = synth.write_recording(path, frames, comment=f"tradebalancer replay: {what}")
     except OSError as exc:
-        raise ConfigError("--record-to", f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise ConfigError(
+            "--record-to",
+            f"cannot write {path} ({exc.strerror or exc}); give a file in a writable directory",
+        ) from exc
     logger.info("wrote %d frames (%s) to %s", written, what, path)
     return int(ExitCode.OK)
