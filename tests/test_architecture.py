@@ -20,7 +20,7 @@ LAYERS: list[list[str]] = [
     ["reader", "reader.format", "reader.framing", "reader.sample", "reader._fastread"],
     ["tradebalancer"],
     # leaves: no logic of the service (the C router is split.py's loop)
-    ["errors", "units", "routing", "spans", "backoff", "systemd", "_fastsplit"],
+    ["errors", "units", "routing", "spans", "backoff", "systemd", "episode", "_fastsplit"],
     ["signals", "command", "stats", "handshake", "subscriptions", "transport.keys", "delivery"],
     ["transport.kernel"],
     # the parts, each sans-I/O or the owner of one kind of fd

@@ -468,6 +468,14 @@ def test_a_slow_worker_causes_backpressure_not_loss(
     log = balancer.log_text()
     assert "backpressure:" in log and "worker 1 is behind" in log
     assert_every_event_once(balancer, expected_streams(events, seed, pipes))
+    # Told as episodes: it was a WARNING and an INFO line at every pause, five a second.
+    lines = [line for line in log.splitlines() if "backpressure" in line]
+    starts = [line for line in lines if "backpressure: " in line]
+    ticks = sum("tradebalancer.status:" in line for line in log.splitlines())
+    assert len(lines) <= 2 * len(starts) + ticks, "\n".join(lines)
+    pauses = [re.search(r"reading paused (once|[\d,]+ times)", line) for line in lines]
+    paused = sum(1 if m[1] == "once" else number(m[1].split()[0]) for m in pauses if m)
+    assert len(starts) < paused, "\n".join(lines)  # many pauses, few episodes
 
 
 @pytest.mark.timeout(60)

@@ -5,7 +5,9 @@ and routes them, each pipe's share of a batch goes out in one write (pipes.py), 
 what was forwarded, the frames rejected as not JSON (logged with an excerpt, at most once per
 stats interval), and backpressure: when the pipes' backlogs together pass ``backlog_limit``
 the connection stops reading the socket (TCP then slows the feed down) and says which worker
-is behind; it reads again once the backlogs are below half the limit. Nothing is dropped.
+is behind; it reads again once the backlogs are below half the limit. Nothing is dropped. A
+slow worker turns it on and off several times a second: the log tells it as an episode
+(episode.py), not as two lines each time.
 Must not touch: the socket, the feed protocol (status events found in data frames are handed
 back to the caller), the workers.
 
@@ -22,6 +24,7 @@ import logging
 from collections.abc import Mapping
 
 from .config import MAX_PIPES, FeedConfig
+from .episode import Episode
 from .errors import FrameError
 from .pipes import PipeSet
 from .reader.format import LIMIT
@@ -56,6 +59,9 @@ class Forwarder:
         self._next_reject_log = 0.0
         self._unkeyed_logged = 0
         self.paused = False  # backpressure: the connection must not read
+        # Backpressure comes and goes several times a second with a slow worker: one line when
+        # it starts, a summary per stats interval, one when a whole interval passed without it.
+        self._backpressure = Episode(logger, "backpressure", "reading paused")
         if (warning := balance_warning(config.pipes, MAX_PIPES)) is not None:
             logger.warning("%s", warning)
         if not accelerated():
@@ -80,24 +86,26 @@ class Forwarder:
         stats.frames += len(messages)
         stats.bytes += self.pipes.write_batch(out)
         if self.pipes.backlog_bytes > self.config.backlog_limit and not self.paused:
-            self._pause()
+            self._pause(now)
         return status
 
-    def update_backpressure(self) -> bool:
+    def update_backpressure(self, now: float) -> bool:
         """Lift backpressure once the backlogs are below half the limit; True if it was lifted."""
         if self.paused and self.pipes.backlog_bytes <= self.config.backlog_limit // 2:
             self.paused = False
-            logger.info("backpressure over: reading the feed again")
+            self._backpressure.stop(now)
             return True
         return False
 
-    def account(self) -> None:
+    def account(self, now: float) -> None:
         """Bring the stats up to date with the splitter and the pipes (each stats tick).
 
         The rate-limited lines are written here too, once per tick at most: the rejected frames
-        not logged yet, the refused events (too long for the pipe format), the unkeyed events.
+        not logged yet, the refused events (too long for the pipe format), the unkeyed events,
+        the backpressure episode's summary or end.
         """
         stats, splitter = self.stats, self.splitter
+        self._backpressure.tick(now, self._behind())
         if self._rejected_unlogged and self._last_rejected is not None:
             self._write_rejected(self._last_rejected)
         if splitter.unkeyed_events > self._unkeyed_logged:
@@ -127,18 +135,21 @@ class Forwarder:
         stats.largest_backlog = worst.backlog_bytes
         stats.largest_backlog_worker = self._pipe_owners.get(worst.index)
 
-    def _pause(self) -> None:
-        worst = self.pipes.worst()
+    def _pause(self, now: float) -> None:
         self.paused = True
-        self.stats.backpressure_episodes += 1
-        logger.warning(
-            "backpressure: %s queued for the workers (limit %s); worker %d is behind "
-            "(pipe %d holds %s); not reading the feed until it catches up",
-            format_size(self.pipes.backlog_bytes),
-            format_size(self.config.backlog_limit),
-            self._pipe_owners.get(worst.index, -1),
-            worst.index,
-            format_size(worst.backlog_bytes),
+        self._backpressure.start(
+            now,
+            f"backpressure: {format_size(self.pipes.backlog_bytes)} queued for the workers "
+            f"(limit {format_size(self.config.backlog_limit)}); {self._behind()}; not reading "
+            "the feed until it catches up",
+        )
+        self.stats.backpressure_episodes = self._backpressure.episodes
+
+    def _behind(self) -> str:
+        worst = self.pipes.worst()
+        return (
+            f"worker {self._pipe_owners.get(worst.index, -1)} is behind (pipe {worst.index} "
+            f"holds {format_size(worst.backlog_bytes)})"
         )
 
     def _log_rejected(self, exc: FrameError, now: float) -> None:

@@ -227,7 +227,7 @@ class Service:
         """Close an attempt that is over and schedule the next; start one that is due."""
         connection, forwarder = self.connection, self.forwarder
         if connection is not None:
-            if forwarder is not None and forwarder.update_backpressure():
+            if forwarder is not None and forwarder.update_backpressure(now):
                 connection.pause(False)
             outcome = connection.outcome(now)
             if outcome is None:

@@ -45,7 +45,7 @@ class StatusReporter:
         timers = (self._next_stats, self._ready_by, self._next_watchdog)
         return min(t for t in timers if t is not None)
 
-    def tick(self, now: float, account: Callable[[], None]) -> None:
+    def tick(self, now: float, account: Callable[[float], None]) -> None:
         """Send what is due; ``account`` brings the stats up to date before a stats line."""
         stats, notifier = self.stats, self.notifier
         if self._ready_by is not None and (
@@ -54,7 +54,7 @@ class StatusReporter:
             self._ready_by = None
             notifier.ready(stats.status_line(stats.rates(now)))
         if now >= self._next_stats:
-            account()
+            account(now)
             rates = stats.rates(now)
             logger.info("%s", stats.log_line(rates))
             notifier.status(stats.status_line(rates))
