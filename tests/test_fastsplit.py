@@ -24,9 +24,10 @@ from test_split import (
     pipe_events,
 )
 
-from tradebalancer import split
+from tradebalancer import _fastsplit, split
 from tradebalancer._fastsplit import Router, valid_ascii_json
 from tradebalancer.reader.format import LIMIT
+from tradebalancer.replay import synth
 from tradebalancer.routing import DEFAULT_ROUTE_KEYS, pipe_for
 from tradebalancer.split import Splitter
 
@@ -319,16 +320,18 @@ def left_to_orjson(text: str) -> bool:
 @settings(max_examples=3000)
 def test_the_c_check_is_orjsons_on_ascii(text: str) -> None:
     """The router's check alone, on ASCII text: valid exactly where orjson parses, but for what
-    it leaves to orjson on purpose."""
+    it leaves to orjson on purpose; its token-by-token reader alone too."""
     data = text.encode()
-    if valid_ascii_json(data):
-        assert orjson_takes(data)
-    elif orjson_takes(data) and data.isascii():
-        assert left_to_orjson(text), text
+    for check in (valid_ascii_json, tokens):
+        if check(data):
+            assert orjson_takes(data)
+        elif orjson_takes(data) and data.isascii():
+            assert left_to_orjson(text), text
 
 
 def test_the_c_check_refuses_each_kind_of_invalid_json() -> None:
-    """One of each kind the feed-edges issue found forwarded byte for byte."""
+    """One of each kind the feed-edges issue found forwarded byte for byte: alone, and as a
+    member of an event in the feed's layout (the block reader's), by each reader."""
     for text in (
         b"18x7",
         b"tru",
@@ -347,6 +350,180 @@ def test_the_c_check_refuses_each_kind_of_invalid_json() -> None:
         b'"\\ud800"',
         b"",
     ):
-        assert not valid_ascii_json(text), text
+        for check in CHECKS:
+            assert not check(text), (check, text)
+            assert not check(in_event(text)), (check, text)
     for text in (b"0", b"-0.5e-3", b'"\\u00e9"', b" [ {} , [] , null ] ", b'{"a":[true,false]}'):
-        assert valid_ascii_json(text), text
+        for check in (valid_ascii_json, tokens):
+            assert check(text), (check, text)
+            assert check(in_event(text)), (check, text)
+
+
+# valid_ascii_json's two readers: token by token (any frame; the only one without SSE2), and
+# sixty-four bytes a step (the feed's layout; True only for valid JSON, False for the rest).
+tokens = _fastsplit._valid_json_tokens
+blocks = getattr(_fastsplit, "_valid_json_blocks", None)
+CHECKS = [check for check in (valid_ascii_json, tokens, blocks) if check is not None]
+needs_blocks = pytest.mark.skipif(blocks is None, reason="built without SSE2: one reader")
+
+
+def in_event(value: bytes, at: int = 0) -> bytes:
+    """value as a member of a trade in the feed's layout, ``at`` bytes further in."""
+    return b'[{"ev":"T","sym":"A","i":"' + b"x" * at + b'","p":' + value + b',"z":1}]'
+
+
+def agree(data: bytes) -> None:
+    """The readers give valid_ascii_json's answer, the block reader True only if valid."""
+    valid = valid_ascii_json(data)
+    assert tokens(data) == valid, data
+    if blocks is not None:
+        assert not blocks(data) or valid, data
+    if valid:
+        assert orjson_takes(data), data
+
+
+@needs_blocks
+def test_the_feed_takes_the_block_reader() -> None:
+    """The replayed feed's frames, and the layouts it writes, go sixty-four bytes a step."""
+    assert blocks is not None
+    feed = list(synth.generate_frames(count_events=3000))
+    assert feed
+    for frame in [*feed, b"[]", b"{}", b'[{"ev":"T","c":[],"n":{"a":[-0.5,0,10]}}]']:
+        assert blocks(frame), frame[:100]
+        assert valid_ascii_json(frame)
+
+
+@needs_blocks
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b' [{"ev":"T"}]',  # whitespace
+        b'[{"ev": "T"}]',
+        b'[{"ev":"T","n":"a b"}]',  # a space, in a string even
+        b'[{"ev":"T","n":"\\n"}]',  # an escape
+        b'[{"ev":"T","n":true}]',  # a literal
+        b'[{"ev":"T","n":1e5}]',  # an exponent
+        b'[{"ev":"T","n":' + b"9" * 200 + b"}]",  # a digit run that fills a block
+        b'"a"',  # no array or object outside
+        b"1",
+    ],
+)
+def test_the_block_reader_leaves_the_rest_to_the_token_reader(frame: bytes) -> None:
+    """Whatever the feed does not write is the token reader's, valid or not."""
+    assert blocks is not None
+    assert not blocks(frame)
+    assert valid_ascii_json(frame) == tokens(frame) == orjson_takes(frame)
+
+
+@pytest.mark.parametrize("depth", [1, 65, 66, 67, 100])
+def test_each_reader_nests_as_deep_as_the_other(depth: int) -> None:
+    """The frame's array and an event's object, then MAX_DEPTH (64) levels inside, no deeper."""
+    for frame in (b"[" * depth + b"]" * depth, b'{"a":' * depth + b"1" + b"}" * depth):
+        for check in CHECKS:
+            assert check(frame) == (depth <= 66), (check, depth)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"0",
+        b"-0",
+        b"7.47",
+        b"-0.001",
+        b"1704205800000",
+        b"12345678.12345678",
+        b"01",
+        b"-01",
+        b"00",
+        b"1.",
+        b".5",
+        b"-",
+        b"--1",
+        b"1-2",
+        b"1.2.3",
+        b"1..2",
+        b"-.5",
+        b'"x"',
+        b'""',
+        b"[]",
+        b"{}",
+        b"[1,2]",
+        b'{"a":1}',
+        b'{"a":[{"b":{}}]}',
+        b'"a","b":1',
+        b'"a":',
+        b"1,",
+        b",1",
+        b"[1,]",
+        b"[,1]",
+        b'{"a"}',
+        b'{"a":1,}',
+        b"{1:2}",
+        b'{"a":1 "b":2}',
+        b'{"a"::1}',
+        b"[}",
+        b"{]",
+        b"1]",
+        b"[[1]",
+        b'"a"1',
+        b'1"a"',
+    ],
+)
+def test_each_reader_across_block_and_word_boundaries(value: bytes) -> None:
+    """Each value (valid or not) at every offset across the first block's end, and the SWAR
+    steps of eight: the readers agree, and with orjson."""
+    for at in range(40, 80):
+        agree(in_event(value, at))
+    for data in (value, b"[" + value + b"]", b"[" + b" " * 7 + value + b"]"):
+        agree(data)
+
+
+@pytest.mark.parametrize("size", [*range(1, 20), 63, 64, 65, 126, 127, 128, 308, 309, 310])
+def test_digit_runs_of_every_length(size: int) -> None:
+    """Integers and fractions of any length, at the end of the buffer or before more; 309
+    integer digits reach 1e308, which the check leaves to orjson."""
+    digits = b"1" + b"0" * (size - 1)
+    for number in (digits, b"-" + digits, b"0." + digits, digits + b".5"):
+        for data in (number, b"[" + number + b"]", in_event(number), in_event(number, size)):
+            agree(data)
+            assert valid_ascii_json(data) == (size < 309 or number.startswith(b"0.")), data
+
+
+@pytest.mark.parametrize("size", [0, 1, 6, 7, 8, 9, 15, 16, 17, 62, 63, 64, 65])
+def test_strings_that_end_at_the_end_of_the_buffer(size: int) -> None:
+    """A string cut by the buffer's end, or closed by its last byte, or with a byte that is
+    not ASCII, at every length across a step of eight."""
+    text = b"a" * size
+    for data in (b'"' + text, b'"' + text + b'"', b'"' + text + b"\\", b'"' + text + b'\xc3\xa9"'):
+        agree(data)
+    assert valid_ascii_json(b'"' + text + b'"')
+    assert not valid_ascii_json(b'"' + text)
+    for data in (in_event(b'"' + text + b"\x80" + b'"'), b"[" + text + b"\xff]"):
+        assert not any(check(data) for check in CHECKS), data
+
+
+EDITS = st.sampled_from(list(b'{}[]":,.-0123456789 etx\\\x00\x80'))
+
+
+@given(
+    st.sampled_from(list(synth.generate_frames(count_events=400, min_batch=1, max_batch=6))),
+    st.lists(
+        st.tuples(st.integers(0, 10**6), st.sampled_from(["set", "insert", "delete"]), EDITS),
+        max_size=3,
+    ),
+)
+@settings(max_examples=1500, deadline=None)
+def test_the_readers_agree_on_edited_feed_frames(frame: bytes, edits: list[Any]) -> None:
+    """A feed frame with a few bytes set, inserted or deleted: one answer from both readers,
+    and the block reader's True only for valid JSON."""
+    data = bytearray(frame)
+    for at, edit, byte in edits:
+        at %= len(data) + 1
+        if edit == "insert":
+            data[at:at] = bytes([byte])
+        elif at < len(data):
+            if edit == "set":
+                data[at] = byte
+            else:
+                del data[at]
+    agree(bytes(data))

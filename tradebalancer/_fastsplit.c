@@ -16,7 +16,7 @@
  *     missing or not a string (the Python slow path counts it as unkeyed);
  *   - a backslash in an event's member names, its type or its key (they would need decoding),
  *     a control byte in its key, or nesting deeper than MAX_DEPTH.
- *   - anything that is not valid JSON (RFC 8259): a frame is validated whole (valid_json)
+ *   - anything that is not valid JSON (RFC 8259): a frame is validated whole (valid_frame)
  *     before it is cut, so a broken number, literal, escape or control byte anywhere in it
  *     sends it to the Python path, which rejects it whole.
  * Names repeat as JSON parsers take them: the last value counts. Strings are skipped exactly
@@ -133,8 +133,8 @@ static inline uint64_t quote_or_backslash(uint64_t word)
     return zero_bytes(word ^ (ONES * '"')) | zero_bytes(word ^ (ONES * '\\'));
 }
 
-/* Bytes that are not a digit: bit 7 of (b + 0x46) is set for b > '9', of (b - 0x30) for b < '0'
- * (ASCII only, which the frame is). */
+/* Bytes that are not a digit: bit 7 of (b + 0x46) is set for b > '9', of (b - 0x30) for b < '0',
+ * of b itself for b > 0x7f (whose carry out reaches only the bytes after it). */
 static inline uint64_t non_digits(uint64_t word)
 {
     return ((word + ONES * 0x46) | (word - ONES * 0x30) | word) & HIGHS;
@@ -318,20 +318,6 @@ static inline int key_of(const Router *r, const unsigned char *s, Py_ssize_t sta
     return r->default_key;
 }
 
-static int is_ascii(const unsigned char *s, Py_ssize_t n)
-{
-    uint64_t seen = 0;
-    Py_ssize_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        uint64_t word;
-        memcpy(&word, s + i, 8);
-        seen |= word;
-    }
-    for (; i < n; i++)
-        seen |= s[i];
-    return (seen & 0x8080808080808080ULL) == 0;
-}
-
 static int add_event(Router *r, Py_ssize_t count, Py_ssize_t start, Py_ssize_t end, uint32_t pipe)
 {
     if (count == r->event_capacity) {
@@ -509,19 +495,14 @@ static Py_ssize_t general_event(Router *r, const unsigned char *s, Py_ssize_t i,
 }
 
 /*
- * Validation: the whole frame, before it is cut, against RFC 8259's grammar (the frame is
- * ASCII here: scan_frame declines anything else, which the Python path validates as UTF-8).
- * Nothing that is not valid JSON may reach a worker: a number like 18x7, a literal like tru,
- * a trailing comma, a control byte in a string, an unknown escape, NaN: the frame is declined,
- * and the Python path rejects it whole. One pass; strings eight bytes at a step (SWAR), the
- * rest token by token. Returns 1 if s[0:n] is one JSON value with only whitespace around it.
+ * Validation: the whole frame, before it is cut, against RFC 8259's grammar, ASCII only (the
+ * Python path validates UTF-8). Nothing that is not valid JSON may reach a worker: a number like
+ * 18x7, a literal like tru, a trailing comma, a control byte in a string, an unknown escape, NaN:
+ * the frame is declined, and the Python path rejects it whole. Two readers give the same
+ * answers: valid_blocks (SSE2) takes frames laid out as the feed writes them, sixty-four bytes
+ * a step, and leaves any other to valid_json, token by token. Either returns 1 if s[0:n] is one
+ * JSON value with only whitespace around it.
  */
-
-/* Bytes below 0x20 (control characters), for ASCII bytes. */
-static inline uint64_t control_bytes(uint64_t word)
-{
-    return (word - ONES * 0x20) & ~word & HIGHS;
-}
 
 static const unsigned char ESCAPED[256] = {
     ['"'] = 1, ['\\'] = 1, ['/'] = 1, ['b'] = 1, ['f'] = 1, ['n'] = 1, ['r'] = 1, ['t'] = 1,
@@ -537,27 +518,34 @@ static inline int hex_value(unsigned char c) /* c is a hex digit */
     return c <= '9' ? c - '0' : (c | 0x20) - 'a' + 10;
 }
 
-/* s[i] is an opening quote: return the index after the closing one, or -1 if invalid. */
+/* A quote, a backslash, a control byte or one over 0x7f. (Written as a test of one byte, which
+ * gcc makes a range compare; inline in the loop's condition, measured 15% slower.) */
+static inline int stops_string(unsigned char c)
+{
+    return c == '"' || c == '\\' || c < 0x20 || c > 0x7f;
+}
+
+/*
+ * s[i] is an opening quote: return the index after the closing one, or -1 if invalid. A byte
+ * at a time: the feed's strings are a few bytes long, and the loop's exit is a branch the CPU
+ * predicts, where a SWAR step puts a load, its mask and a count of trailing zeros between one
+ * token and the next (measured: a fifth slower). A byte over 0x7f stops it as a control byte
+ * does, which makes this pass the frame's ASCII check too: outside strings the grammar takes
+ * ASCII bytes only.
+ */
 static inline Py_ssize_t valid_string(const unsigned char *s, Py_ssize_t i, Py_ssize_t n)
 {
     Py_ssize_t j = i + 1;
     for (;;) {
-        while (j + 8 <= n) {
-            uint64_t word = load8(s + j);
-            uint64_t mask = quote_or_backslash(word) | control_bytes(word);
-            if (mask) {
-                j += first_byte(mask);
-                break;
-            }
-            j += 8;
-        }
-        while (j < n && s[j] != '"' && s[j] != '\\' && s[j] >= 0x20)
+        while (j < n && !stops_string(s[j]))
             j++;
-        if (j >= n || s[j] < 0x20)
+        if (j >= n)
             return -1;
         if (s[j] == '"')
             return j + 1;
-        /* a backslash: one of \" \\ \/ \b \f \n \r \t, or \u and four hex digits */
+        if (s[j] != '\\')
+            return -1; /* a control byte, or not ASCII */
+        /* one of \" \\ \/ \b \f \n \r \t, or \u and four hex digits */
         if (j + 1 >= n)
             return -1;
         unsigned char e = s[j + 1];
@@ -581,60 +569,96 @@ static inline int is_digit(unsigned char c)
     return c >= '0' && c <= '9';
 }
 
+/* Return the index of the first byte from i on that is not a digit, or n. Eight bytes a step:
+ * unlike its strings' lengths, the feed's digit runs vary (1 to 14 digits) and a byte loop's
+ * exit is mispredicted (measured: a sixth slower). */
+static inline Py_ssize_t digits_end(const unsigned char *s, Py_ssize_t i, Py_ssize_t n)
+{
+    for (; i + 8 <= n; i += 8) {
+        uint64_t others = non_digits(load8(s + i));
+        if (others)
+            return i + first_byte(others);
+    }
+    while (i < n && is_digit(s[i]))
+        i++;
+    return i;
+}
+
 /*
- * s[i] starts a number: return the index after it, or -1 (RFC 8259 section 6). Also -1, for
- * the Python path to decide with orjson, for a number whose magnitude reaches 1e308: past
- * DBL_MAX it is infinity as a double, which orjson refuses, and "the C router changes speed,
- * never results" (I-JSON, RFC 7493 2.2, keeps numbers within a double's range too).
+ * s[i] starts a number with an exponent, valid up to its 'e' (valid_number has read that far):
+ * return the index after it, or -1, as valid_number does. The exponent can take any number to
+ * 1e308 or past it, or back, so this reading tracks the decimal exponent of the leading digit;
+ * the feed never sends one.
  */
-static inline Py_ssize_t valid_number(const unsigned char *s, Py_ssize_t i, Py_ssize_t n)
+static Py_ssize_t valid_exponent_number(const unsigned char *s, Py_ssize_t i, Py_ssize_t n)
 {
     Py_ssize_t digits = 0, zeros = 0; /* integer digits; the fraction's leading zeros if 0.xxx */
     int nonzero = 0;
-    if (i < n && s[i] == '-')
+    if (s[i] == '-')
         i++;
-    if (i >= n)
-        return -1;
     if (s[i] == '0') {
         i++;
-    } else if (s[i] >= '1' && s[i] <= '9') {
+    } else {
         Py_ssize_t start = i;
         while (++i < n && is_digit(s[i]))
             ;
         digits = i - start;
         nonzero = 1;
-    } else {
-        return -1;
     }
-    if (i < n && s[i] == '.') {
-        if (++i >= n || !is_digit(s[i]))
-            return -1;
-        for (; i < n && is_digit(s[i]); i++) {
+    if (s[i] == '.') {
+        for (i++; i < n && is_digit(s[i]); i++) {
             if (!nonzero && s[i] == '0')
                 zeros++;
             else
                 nonzero = 1;
         }
     }
+    int negative = 0;
     long exponent = 0;
-    if (i < n && (s[i] == 'e' || s[i] == 'E')) {
-        int negative = 0;
-        if (++i < n && (s[i] == '+' || s[i] == '-'))
-            negative = s[i++] == '-';
-        if (i >= n || !is_digit(s[i]))
-            return -1;
-        for (; i < n && is_digit(s[i]); i++) {
-            if (exponent < 100000)
-                exponent = exponent * 10 + (s[i] - '0');
-        }
-        if (negative)
-            exponent = -exponent;
+    if (++i < n && (s[i] == '+' || s[i] == '-'))
+        negative = s[i++] == '-';
+    if (i >= n || !is_digit(s[i]))
+        return -1;
+    for (; i < n && is_digit(s[i]); i++) {
+        if (exponent < 100000)
+            exponent = exponent * 10 + (s[i] - '0');
     }
+    if (negative)
+        exponent = -exponent;
     /* The decimal exponent of the leading digit: below 308 the value is below DBL_MAX. */
     long magnitude = digits ? (long)digits - 1 + exponent : exponent - (long)zeros - 1;
     if (nonzero && magnitude >= 308)
         return -1;
     return i;
+}
+
+/*
+ * s[i] (i < n) starts a number: return the index after it, or -1 (RFC 8259 section 6). Also -1,
+ * for the Python path to decide with orjson, for a number whose magnitude reaches 1e308: past
+ * DBL_MAX it is infinity as a double, which orjson refuses, and "the C router changes speed,
+ * never results" (I-JSON, RFC 7493 2.2, keeps numbers within a double's range too). Without an
+ * exponent, that is 309 integer digits or more.
+ */
+static inline Py_ssize_t valid_number(const unsigned char *s, Py_ssize_t i, Py_ssize_t n)
+{
+    Py_ssize_t start = i;
+    if (s[i] == '-' && ++i >= n)
+        return -1;
+    Py_ssize_t integer = i;
+    i = digits_end(s, i, n);
+    /* no digit, or a leading zero (a digit after a number's 0 is invalid wherever it is) */
+    if (i == integer || (s[integer] == '0' && i > integer + 1))
+        return -1;
+    Py_ssize_t digits = i - integer;
+    if (i < n && s[i] == '.') {
+        Py_ssize_t fraction = i + 1;
+        i = digits_end(s, fraction, n);
+        if (i == fraction)
+            return -1;
+    }
+    if (i < n && (s[i] == 'e' || s[i] == 'E'))
+        return valid_exponent_number(s, start, n);
+    return digits >= 309 ? -1 : i;
 }
 
 static inline Py_ssize_t valid_literal(const unsigned char *s, Py_ssize_t i, Py_ssize_t n)
@@ -648,6 +672,7 @@ static inline Py_ssize_t valid_literal(const unsigned char *s, Py_ssize_t i, Py_
     return -1;
 }
 
+/* Any frame, token by token. */
 static int valid_json(const unsigned char *s, Py_ssize_t n)
 {
     /* '{' or '[' per level: the frame's array and an event's object, then MAX_DEPTH inside */
@@ -711,10 +736,218 @@ static int valid_json(const unsigned char *s, Py_ssize_t n)
     }
 }
 
+#ifdef __SSE2__
+/*
+ * The feed's frames, sixty-four bytes a step: token by token, each string and number is a load
+ * and a branch on the path to the next token, about 3 ns a token here. Here each byte class is
+ * a 64-bit mask (bit k: byte k of the block), from SSE2 compares, and the grammar is checked as
+ * relations between each byte and the one before it, over the whole block at once; a loop runs
+ * only over the brackets. That takes what the feed writes: no whitespace, no backslash (so
+ * every quote opens or closes a string), numbers without exponents, no literals, an array or an
+ * object outside. Anything else returns 0, for valid_json to decide: this returns 1 only for
+ * valid JSON, and 0 never rejects, so only its acceptances need to agree with valid_json.
+ */
+
+/* Bit k of each mask: whether byte k of the block is... */
+typedef struct {
+    uint64_t quote;
+    uint64_t bad;     /* a backslash, whitespace, a control byte or a byte over 0x7f */
+    uint64_t bracket; /* '{', '}', '[' or ']'; also 'Y', '_', 'y' and 0x7f, which break the walk */
+    uint64_t colon, comma, digit, minus, dot, zero;
+} Classes;
+
+static inline uint64_t movemask64(__m128i m0, __m128i m1, __m128i m2, __m128i m3)
+{
+    return (uint64_t)(unsigned)_mm_movemask_epi8(m0) |
+           (uint64_t)(unsigned)_mm_movemask_epi8(m1) << 16 |
+           (uint64_t)(unsigned)_mm_movemask_epi8(m2) << 32 |
+           (uint64_t)(unsigned)_mm_movemask_epi8(m3) << 48;
+}
+
+static inline void classify(const unsigned char *p, Classes *c)
+{
+    const __m128i b0 = _mm_loadu_si128((const __m128i *)p);
+    const __m128i b1 = _mm_loadu_si128((const __m128i *)(p + 16));
+    const __m128i b2 = _mm_loadu_si128((const __m128i *)(p + 32));
+    const __m128i b3 = _mm_loadu_si128((const __m128i *)(p + 48));
+#define CLASS(test) movemask64(test(b0), test(b1), test(b2), test(b3))
+    /* signed: a byte over 0x7f is below '!' too */
+#define BAD(b) _mm_or_si128(_mm_cmpeq_epi8(b, _mm_set1_epi8('\\')), \
+                            _mm_cmplt_epi8(b, _mm_set1_epi8('!')))
+    /* '{' 0x7b, '}' 0x7d, '[' 0x5b and ']' 0x5d differ only in bits 1, 2 and 5 */
+#define BRACKET(b) _mm_cmpeq_epi8(_mm_or_si128(b, _mm_set1_epi8(0x26)), _mm_set1_epi8(0x7f))
+    /* one signed compare: '0'..'9' moved to the bottom, -128..-119 */
+#define DIGIT(b) _mm_cmplt_epi8(_mm_add_epi8(b, _mm_set1_epi8((char)(0x80 - '0'))), \
+                               _mm_set1_epi8((char)(0x80 + 10)))
+#define QUOTE(b) _mm_cmpeq_epi8(b, _mm_set1_epi8('"'))
+#define COLON(b) _mm_cmpeq_epi8(b, _mm_set1_epi8(':'))
+#define COMMA(b) _mm_cmpeq_epi8(b, _mm_set1_epi8(','))
+#define MINUS(b) _mm_cmpeq_epi8(b, _mm_set1_epi8('-'))
+#define DOT(b) _mm_cmpeq_epi8(b, _mm_set1_epi8('.'))
+#define ZERO(b) _mm_cmpeq_epi8(b, _mm_set1_epi8('0'))
+    c->quote = CLASS(QUOTE);
+    c->bad = CLASS(BAD);
+    c->bracket = CLASS(BRACKET);
+    c->colon = CLASS(COLON);
+    c->comma = CLASS(COMMA);
+    c->digit = CLASS(DIGIT);
+    c->minus = CLASS(MINUS);
+    c->dot = CLASS(DOT);
+    c->zero = CLASS(ZERO);
+#undef CLASS
+#undef BAD
+#undef BRACKET
+#undef DIGIT
+#undef QUOTE
+#undef COLON
+#undef COMMA
+#undef MINUS
+#undef DOT
+#undef ZERO
+}
+
+/* Bit k of the result: the parity of bits 0..k of bits. */
+static inline uint64_t prefix_xor(uint64_t bits)
+{
+    bits ^= bits << 1;
+    bits ^= bits << 2;
+    bits ^= bits << 4;
+    bits ^= bits << 8;
+    bits ^= bits << 16;
+    bits ^= bits << 32;
+    return bits;
+}
+
+/* a + b + *carry, and the carry out: a run of a's bits seeded by b's bit at its start carries
+ * to the bit after the run, across blocks too */
+static inline uint64_t add_carry(uint64_t a, uint64_t b, uint64_t *carry)
+{
+    uint64_t sum = a + b, total = sum + *carry;
+    *carry = (sum < a) | (total < sum);
+    return total;
+}
+
+/* For a mask variable m, the mask "the byte before is in m": m shifted up a byte, and below it
+ * the last byte of the block before, from m_last. */
+#define BEFORE(m) (((m) << 1) | (m##_last >> 63))
+
+static int valid_blocks(const unsigned char *s, Py_ssize_t n)
+{
+    if (n < 2 || (s[0] != '[' && s[0] != '{'))
+        return 0;
+    unsigned char open[MAX_DEPTH + 2]; /* as in valid_json */
+    int depth = 0, object = 0;         /* object: whether the innermost container is one */
+    uint64_t in_string = 0;            /* all ones: the block before ended in a string */
+    uint64_t key_carry = 0, dot_carry = 0;
+    /* the masks of the block before; value_last as if a ':' came before the frame */
+    uint64_t scalar_last = 0, digit_last = 0, minus_last = 0, marks_last = 0, lead_last = 0;
+    uint64_t any_last = 0, value_last = 1ULL << 63, key_last = 0, key_end_last = 0,
+             end_last = 0, closable_last = 0;
+    for (Py_ssize_t base = 0; base < n; base += 64) {
+        const unsigned char *p = s + base;
+        uint64_t within = ~0ULL; /* the block's bytes that are the frame's: all but at its end */
+        unsigned char tail[64];
+        if (n - base < 64) {
+            memset(tail, 0, sizeof tail);
+            memcpy(tail, p, (size_t)(n - base));
+            p = tail;
+            within = (1ULL << (n - base)) - 1;
+        }
+        Classes c;
+        classify(p, &c);
+        if (c.bad & within)
+            return 0;
+        /* in a string: from its opening quote up to, not with, its closing one */
+        uint64_t string = prefix_xor(c.quote) ^ in_string;
+        in_string = 0 - (string >> 63);
+        uint64_t out = ~(string | c.quote) & within; /* outside strings */
+        uint64_t colon = c.colon & out, comma = c.comma & out;
+        /* The brackets in order: nesting and matching, and which bytes are in an object (with
+         * each bracket, the container it opens, or the one it returns to). */
+        uint64_t opens = 0, closes = 0, in_object = 0;
+        int from = 0;
+        for (uint64_t m = c.bracket & out; m; m &= m - 1) {
+            int k = __builtin_ctzll(m);
+            if (object)
+                in_object |= (~0ULL << from) & ((1ULL << k) - 1);
+            from = k;
+            unsigned char b = p[k];
+            if (b == '{' || b == '[') {
+                if (depth == MAX_DEPTH + 2)
+                    return 0;
+                open[depth++] = b;
+                object = b == '{';
+                opens |= m & -m;
+            } else {
+                /* '}' - 2 is '{' and ']' - 2 is '['; Y, _, y and 0x7f match nothing */
+                if (depth == 0 || open[--depth] != b - 2)
+                    return 0;
+                if (depth == 0 && base + k != n - 1)
+                    return 0; /* the frame's array or object ends before the frame */
+                object = depth && open[depth - 1] == '{';
+                closes |= m & -m;
+            }
+        }
+        if (object)
+            in_object |= ~0ULL << from;
+        /* Numbers: -, digits, . and digits. Not a letter or a '+' (to valid_json), nor a block
+         * of number bytes: 309 digits, which reach 1e308, fill at least one. */
+        uint64_t scalar = out & ~(opens | closes | colon | comma);
+        if ((scalar & ~(c.digit | c.minus | c.dot)) || scalar == ~0ULL)
+            return 0;
+        uint64_t digit = c.digit & out, minus = c.minus & out, point = c.dot & out;
+        uint64_t marks = minus | point;
+        /* a minus only first; a digit after a minus or a point; a point after a digit; one
+         * point a number (a second is reached by the carry from the first); no digit after a
+         * leading zero */
+        uint64_t errors = minus & BEFORE(scalar);
+        errors |= BEFORE(marks) & ~digit;
+        errors |= point & ~BEFORE(digit);
+        errors |= add_carry(scalar, point, &dot_carry) & point;
+        uint64_t lead = c.zero & out & (~BEFORE(scalar) | BEFORE(minus));
+        errors |= BEFORE(lead) & digit;
+        /* Each token after the one before it (there is no whitespace): where a string may
+         * start, a value, a member name (in an object, after '{' or ','); a name's closing
+         * quote is where the carry from its opening quote leaves the string. */
+        uint64_t opening = c.quote & string, closing = c.quote & ~string;
+        uint64_t any = opens | colon | comma;
+        uint64_t value = colon | ((opens | comma) & ~in_object);
+        uint64_t key = (opens | comma) & in_object;
+        uint64_t key_end = add_carry(string, opening & BEFORE(key), &key_carry) & ~string;
+        uint64_t end = (closing & ~key_end) | closes | scalar; /* a value's last byte */
+        uint64_t closable = end | opens;                       /* before a ']' or '}' */
+        uint64_t starts = opens | (scalar & ~BEFORE(scalar));
+        errors |= opening & ~BEFORE(any);
+        errors |= starts & ~BEFORE(value);
+        errors |= colon & ~BEFORE(key_end);
+        errors |= comma & ~BEFORE(end);
+        errors |= closes & ~BEFORE(closable);
+        if (errors)
+            return 0;
+        scalar_last = scalar, digit_last = digit, minus_last = minus, marks_last = marks;
+        lead_last = lead;
+        any_last = any, value_last = value, key_last = key, key_end_last = key_end;
+        end_last = end, closable_last = closable;
+    }
+    return depth == 0;
+}
+#undef BEFORE
+#endif
+
+/* The frame's check: ASCII and valid JSON. */
+static int valid_frame(const unsigned char *s, Py_ssize_t n)
+{
+#ifdef __SSE2__
+    if (valid_blocks(s, n))
+        return 1;
+#endif
+    return valid_json(s, n);
+}
+
 /* Find the frame's events into r->events; return their count, DECLINE or FAILED. */
 static Py_ssize_t scan_frame(Router *r, const unsigned char *s, Py_ssize_t n)
 {
-    if (!is_ascii(s, n) || !valid_json(s, n))
+    if (!valid_frame(s, n))
         return DECLINE;
     Py_ssize_t count = 0, layout = 0;
     Py_ssize_t i = skip_space(s, 0, n);
@@ -973,24 +1206,52 @@ static PyTypeObject RouterType = {
     .tp_members = Router_members,
 };
 
+static PyObject *check_buffer(PyObject *arg, int (*check)(const unsigned char *, Py_ssize_t))
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    int valid = check(view.buf, view.len);
+    PyBuffer_Release(&view);
+    return PyBool_FromLong(valid);
+}
+
 /* The router's own check on its own: for the tests, and for make bench's cost of it. */
 static PyObject *fastsplit_valid_ascii_json(PyObject *module, PyObject *arg)
 {
     (void)module;
-    Py_buffer view;
-    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
-        return NULL;
-    const unsigned char *s = view.buf;
-    int valid = is_ascii(s, view.len) && valid_json(s, view.len);
-    PyBuffer_Release(&view);
-    return PyBool_FromLong(valid);
+    return check_buffer(arg, valid_frame);
 }
+
+/* Each of its two readers on its own, for the tests: they must agree. */
+static PyObject *fastsplit_valid_json_tokens(PyObject *module, PyObject *arg)
+{
+    (void)module;
+    return check_buffer(arg, valid_json);
+}
+
+#ifdef __SSE2__
+static PyObject *fastsplit_valid_json_blocks(PyObject *module, PyObject *arg)
+{
+    (void)module;
+    return check_buffer(arg, valid_blocks);
+}
+#endif
 
 static PyMethodDef fastsplit_methods[] = {
     {"valid_ascii_json", fastsplit_valid_ascii_json, METH_O,
      "valid_ascii_json(buffer) -> bool\n\nWhether buffer is ASCII and valid JSON (RFC 8259), "
      "as the router checks every frame before it routes a byte of it (False: the router "
      "leaves the frame to Python, which rejects it or, for UTF-8 beyond ASCII, parses it)."},
+    {"_valid_json_tokens", fastsplit_valid_json_tokens, METH_O,
+     "_valid_json_tokens(buffer) -> bool\n\nvalid_ascii_json's token-by-token reader alone "
+     "(any frame; the only one without SSE2). For the tests."},
+#ifdef __SSE2__
+    {"_valid_json_blocks", fastsplit_valid_json_blocks, METH_O,
+     "_valid_json_blocks(buffer) -> bool\n\nvalid_ascii_json's SSE2 reader alone: True only "
+     "for valid JSON, False for anything it leaves to the other (all but the feed's layout). "
+     "For the tests."},
+#endif
     {NULL, NULL, 0, NULL},
 };
 

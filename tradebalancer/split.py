@@ -54,7 +54,7 @@ head's ``ev`` and key are the only ones (names are matched without their colon, 
 follow whitespace), and ASCII without escapes is its own decoded UTF-8.
 
 Validity. Nothing that is not valid JSON (RFC 8259, UTF-8) reaches a worker: the C router
-validates every frame it takes in full (valid_json in _fastsplit.c) and declines the rest;
+validates every frame it takes in full (valid_frame in _fastsplit.c) and declines the rest;
 every frame the Python paths see is parsed by ``orjson.loads`` first, which rejects it whole
 (FrameError) unless it is valid; so a frame ``[{..."p":18x7},{"ev":"T","sym":"IBM","p":2}]``
 is dropped with both its events, counted and logged, never cut. The fast path's checks then
