@@ -34,8 +34,8 @@ LAYERS: list[list[str]] = [
         "replay.synth",
         "replay.options",
     ],
-    ["credentials", "plan", "transport.connector", "transport", "replay.stream", "workers"],
-    ["connection", "forward", "status", "poller", "preflight", "replay.connection"],
+    ["credentials", "plan", "keyguard", "transport.connector", "transport", "replay.stream"],
+    ["workers", "connection", "forward", "status", "poller", "preflight", "replay.connection"],
     # what wires the parts
     ["service", "replay.server"],
     ["replay.cli", "replay", "sample"],

@@ -38,6 +38,7 @@ from tradebalancer.replay import synth
 REPO = Path(__file__).resolve().parent.parent
 SCENARIO = Path(__file__).resolve().parent / "vm" / "scenarios" / "systemd-e2e.sh"
 SINK = REPO / "bench" / "sink.py"
+SNOOP = REPO / "tests" / "snoop.py"
 SYSTEMD = REPO / "systemd"
 EVENTS = 30_000  # Python under TCG is slow: enough to fill every pipe many times over
 SEED = 20_261_124
@@ -185,6 +186,7 @@ def prepare_share(
         shutil.copyfile(deb, share / deb.name)
     make_ca(share)
     shutil.copyfile(SINK, share / "sink.py")
+    shutil.copyfile(SNOOP, share / "snoop.py")
     (share / "expect.json").write_text(
         json.dumps({str(pipe): count for pipe, (count, _) in expected.items()})
     )
@@ -435,6 +437,32 @@ def test_stop_ends_cleanly_within_seconds(scenario: Scenario) -> None:
             "reports": " ".join(f"report-{worker}.json" for worker in range(WORKERS)),
         },
     )
+
+
+def test_workers_under_the_unit_find_the_key_nowhere(scenario: Scenario) -> None:
+    """Two workers that snoop (tests/snoop.py), under the installed unit with LoadCredential=:
+    the credential, the key file, the balancer's /proc files, memory and root, ptrace and
+    every process they see give them nothing of the key."""
+    check_recorded(
+        scenario, {"snoop_start_status": "0", "snoop_reported": "0", "snoop_stop_status": "0"}
+    )
+    journal = scenario.evidence("snoop-journal.txt")
+    hidden = "workers start without access to /run/credentials/tradebalancer@snoop.service"
+    check(scenario, "the snoop instance's journal", hidden in journal, hidden in journal, hidden)
+    for worker in range(2):
+        report = json.loads(scenario.evidence(f"snoop/snoop-{worker}.json") or "{}")
+        leaks = [name for name, found in report.items() if KEY in json.dumps(found)]
+        check(scenario, f"snooping worker {worker}: where it found the key", leaks, not leaks, "[]")
+        opened = [
+            name
+            for name in ("balancer's environ", "balancer's memory", "ptrace attach")
+            if report.get(name, {}).get("ok", True)
+        ]
+        what = f"snooping worker {worker}: what it opened of the balancer"
+        check(scenario, what, opened, not opened, "[]")
+        credential = report.get("read /run/credentials/tradebalancer@snoop.service", {})
+        what = f"snooping worker {worker}: the credentials directory"
+        check(scenario, what, credential, not credential.get("ok", True), "refused")
 
 
 def test_the_watchdog_restarts_a_stopped_main_process(scenario: Scenario) -> None:

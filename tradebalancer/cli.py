@@ -5,9 +5,9 @@
     tradebalancer replay [...]            the local replay feed (see ``replay --help``)
 
 Exit codes (documented in README and the man page; the systemd unit depends on them):
-0 ok, 1 bug, 64 usage, 69 kernel TLS required but unavailable, 71 pipes/workers could not be
-set up, 75 stopped with events no worker read, 77 the feed refused the API key, 78
-configuration error or no API key.
+0 ok, 1 bug, 64 usage, 69 kernel TLS or key isolation required but unavailable,
+71 pipes/workers could not be set up, 75 stopped with events no worker read, 77 the feed
+refused the API key, 78 configuration error or no API key.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import __version__, config, credentials, plan, preflight, signals, units
+from . import __version__, config, credentials, keyguard, plan, preflight, signals, units
 from .errors import ConfigError, ExitCode, TradeBalancerError
 from .replay import cli as replay_cli
 from .routing import balance_warning
@@ -29,7 +29,8 @@ from .systemd import Notifier, configure_logging
 logger = logging.getLogger("tradebalancer")
 
 _EPILOG = """\
-exit codes: 0 ok, 1 internal error, 64 usage, 69 kernel TLS required but unavailable,
+exit codes: 0 ok, 1 internal error, 64 usage,
+69 kernel TLS or key isolation required but unavailable,
 71 pipes or workers could not be set up, 75 stopped with events no worker read,
 77 the feed refused the API key, 78 configuration error or no API key.
 
@@ -197,6 +198,7 @@ def run(path: str, name: str) -> int:
     from .service import Service
 
     feed = config.load(path).feed(name)
+    keyguard.seal()  # before the key is read: no process of this user reads our memory
     api_key = credentials.resolve_api_key(feed, os.environ)
     preflight.check_plans(feed, plan.plan_workers(feed, os.environ))
     logger.info(
@@ -206,5 +208,11 @@ def run(path: str, name: str) -> int:
         feed.url,
         credentials.describe_api_key_source(feed, os.environ),
     )
-    service = Service(feed, api_key, notifier=Notifier(), signals=signals.install())
+    service = Service(
+        feed,
+        api_key,
+        notifier=Notifier(),
+        signals=signals.install(),
+        key_file=credentials.api_key_file(feed, os.environ),
+    )
     return service.run()

@@ -59,6 +59,7 @@ _Choice = TypeVar("_Choice", bound=str)
 _TLS_MODES: tuple[Literal["auto", "kernel", "user"], ...] = ("auto", "kernel", "user")
 _PASS_FDS: tuple[Literal["append", "none"], ...] = ("append", "none")
 _SCHEDULING: tuple[Literal["batch", "other"], ...] = ("batch", "other")
+_ISOLATION: tuple[Literal["auto", "required", "off"], ...] = ("auto", "required", "off")
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ class FeedConfig:
     command: CommandTemplate
     pass_fds: Literal["append", "none"]
     worker_scheduling: Literal["batch", "other"]
+    key_isolation: Literal["auto", "required", "off"]  # keyguard.py: the key file hidden
     tls: Literal["auto", "kernel", "user"]
     ca_file: str | None
     server_hostname: str | None
@@ -304,6 +306,7 @@ def _feed(name: str, values: _Values, base: Path) -> FeedConfig:
         command=command,
         pass_fds=read.choice("pass_fds", "append", _PASS_FDS),
         worker_scheduling=read.choice("worker_scheduling", "batch", _SCHEDULING),
+        key_isolation=read.choice("key_isolation", "auto", _ISOLATION),
         tls=tls,
         ca_file=ca_file,
         server_hostname=read.optional("server_hostname"),

@@ -27,7 +27,12 @@ def describe_api_key_source(feed: FeedConfig, environ: Mapping[str, str]) -> str
     return _find_api_key(feed, environ)[1]
 
 
-def _find_api_key(feed: FeedConfig, environ: Mapping[str, str]) -> tuple[str, str]:
+def api_key_file(feed: FeedConfig, environ: Mapping[str, str]) -> str | None:
+    """The file ``resolve_api_key`` reads the key from, or None if it comes from a variable."""
+    return _find_api_key(feed, environ)[2]
+
+
+def _find_api_key(feed: FeedConfig, environ: Mapping[str, str]) -> tuple[str, str, str | None]:
     key_path = f"feeds.{feed.name}.api_key_file"
     if not feed.api_key_file:
         looked = "api_key_file is empty"
@@ -44,11 +49,12 @@ def _find_api_key(feed: FeedConfig, environ: Mapping[str, str]) -> tuple[str, st
         except UnicodeDecodeError as exc:
             raise ConfigError(key_path, f"{file} is not UTF-8 text") from exc
         else:
-            return _check_key(text, file, key_path), f"file {file}"
+            return _check_key(text, file, key_path), f"file {file}", file
     for name in feed.api_key_env:
         if environ.get(name, "").strip():
             env_path = f"feeds.{feed.name}.api_key_env"
-            return _check_key(environ[name], f"${name}", env_path), f"environment variable {name}"
+            key = _check_key(environ[name], f"${name}", env_path)
+            return key, f"environment variable {name}", None
     if feed.api_key_env:
         verb = "is" if len(feed.api_key_env) == 1 else "are"
         env_text = f"{', '.join(feed.api_key_env)} {verb} unset or empty"

@@ -11,6 +11,7 @@ command line can tell "our" failures (a message for the user) from bugs (a trace
      |    +-- FrameError    a data frame that is not a JSON array of objects      -> dropped
      +-- TransportError     TCP, TLS and kernel TLS                               -> reconnect
      |    +-- KernelTLSUnavailable  tls = "kernel" but the kernel can't take it   -> exit 69
+     +-- KeyIsolationUnavailable  key_isolation = "required", no namespaces here -> exit 69
      +-- WorkerError        pipes and worker processes                            -> exit 71
 
 The worker library (tradebalancer.reader) has a tree of its own, ReaderError and its
@@ -31,7 +32,7 @@ class ExitCode(enum.IntEnum):
     OK = 0
     FAILURE = 1  # a bug: logged with its traceback
     USAGE = 64  # EX_USAGE: bad command line
-    UNAVAILABLE = 69  # EX_UNAVAILABLE: tls = "kernel" and the kernel cannot take the session
+    UNAVAILABLE = 69  # EX_UNAVAILABLE: kernel TLS or the workers' namespaces required, missing
     OSERR = 71  # EX_OSERR: pipes or workers could not be set up
     UNDELIVERED = 75  # EX_TEMPFAIL: stopped, with events the workers did not take (logged)
     NOPERM = 77  # EX_NOPERM: the feed refused the API key (auth_failed)
@@ -114,6 +115,12 @@ class TransportError(TradeBalancerError):
 
 class KernelTLSUnavailable(TransportError):
     """tls = "kernel" was asked for and this kernel or session cannot do it."""
+
+    exit_code = ExitCode.UNAVAILABLE
+
+
+class KeyIsolationUnavailable(TradeBalancerError):
+    """key_isolation = "required" and this kernel gives the workers no namespace of their own."""
 
     exit_code = ExitCode.UNAVAILABLE
 

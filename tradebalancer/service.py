@@ -26,11 +26,17 @@ import signal
 import time
 from collections.abc import Callable, Mapping
 
-from . import delivery
+from . import delivery, keyguard
 from .backoff import Backoff
 from .config import FeedConfig
 from .connection import FeedConnection
-from .errors import AuthError, ExitCode, KernelTLSUnavailable, TradeBalancerError
+from .errors import (
+    AuthError,
+    ExitCode,
+    KernelTLSUnavailable,
+    KeyIsolationUnavailable,
+    TradeBalancerError,
+)
 from .forward import Forwarder
 from .pipes import Pipe, PipeSet, pipe_max_size
 from .plan import plan_workers
@@ -61,9 +67,11 @@ class Service:
         rng: random.Random | None = None,
         environ: Mapping[str, str] | None = None,
         signals: Signals | None = None,
+        key_file: str | None = None,
     ) -> None:
         self.config = feed
         self._api_key = api_key
+        self._key_file = key_file  # where the key was read from: hidden from the workers
         self.notifier = notifier or Notifier({})
         self.clock = clock
         self.backoff = Backoff(feed.reconnect, rng or random.Random())
@@ -134,6 +142,7 @@ class Service:
     def _start_workers(self) -> None:
         config = self.config
         plans = plan_workers(config, self.environ)  # a bad template fails before any pipe
+        cover = self._key_cover()
         largest = config.pipe_size == "max"
         size = pipe_max_size() if largest else int(config.pipe_size)
         self.pipes = PipeSet.open(config.pipes, size, largest=largest, feed=config.name)
@@ -146,8 +155,29 @@ class Service:
             respawn_max=config.worker_restart.max,
             scheduling=config.worker_scheduling,
             feed=config.name,
+            cover=cover,
         )
         self.pool.spawn_all(self.clock())
+
+    def _key_cover(self) -> keyguard.Cover | None:
+        """What to hide from the workers, if this kernel lets them have a namespace of their
+        own (keyguard.py); said once either way."""
+        cover = keyguard.cover_for(self.config, self.environ, self._key_file)
+        if cover is None:
+            return None
+        reason = keyguard.probe(cover)
+        if reason is None:
+            logger.info("workers start without access to %s", keyguard.describe(cover))
+            return cover
+        message = (
+            f"the workers would see {keyguard.describe(cover)}: no user and mount namespace of "
+            f"their own here ({reason}); allow unprivileged user namespaces "
+            "(README: What the workers cannot read)"
+        )
+        if self.config.key_isolation == "required":
+            raise KeyIsolationUnavailable(f'{message}, or set key_isolation = "auto"')
+        logger.warning('%s, or set key_isolation = "off" to silence this', message)
+        return None
 
     # -- the loop --------------------------------------------------------------------------
 

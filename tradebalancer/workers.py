@@ -36,6 +36,7 @@ from typing import Literal
 import prctl
 
 from .errors import WorkerError
+from .keyguard import Cover
 from .plan import WorkerPlan
 from .reader.format import FIRST_FD
 from .signals import HANDLED
@@ -85,6 +86,7 @@ def spawn(
     now: float,
     batch: bool = False,
     feed: str = "NAME",
+    cover: Cover | None = None,
 ) -> None:
     """Fork and exec ``worker``; raise WorkerError if the program cannot be started.
 
@@ -112,7 +114,7 @@ def spawn(
         if os.getpid() == parent:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     if pid == 0:  # pragma: no cover - the child execs or reports through status_write
-        _exec_child(worker, cwd, env_list, parent, status_write, batch)
+        _exec_child(worker, cwd, env_list, parent, status_write, batch, cover)
     os.close(status_write)
     with os.fdopen(status_read, "rb") as status:
         failure = status.read()
@@ -128,10 +130,20 @@ def spawn(
 
 
 def _exec_child(  # pragma: no cover - runs between fork and exec
-    worker: Worker, cwd: str, env: dict[str, str], parent: int, status_write: int, batch: bool
+    worker: Worker,
+    cwd: str,
+    env: dict[str, str],
+    parent: int,
+    status_write: int,
+    batch: bool,
+    cover: Cover | None,
 ) -> None:
     step = "command\ncannot prepare the worker"
     try:
+        if cover is not None:  # first: its new user namespace clears the parent-death signal
+            step = "key_isolation\ncannot hide the API key from the worker"
+            cover.apply()
+            step = "command\ncannot prepare the worker"
         # Die with the balancer, and close the race where it died before this line ran.
         prctl.set_pdeathsig(signal.SIGTERM)
         if os.getppid() != parent:
@@ -210,9 +222,11 @@ class WorkerPool:
         respawn_max: float = 30.0,
         scheduling: Literal["batch", "other"] = "batch",
         feed: str = "NAME",
+        cover: Cover | None = None,
     ) -> None:
         self.workers = list(workers)
         self.feed = feed  # names the keys in error messages
+        self.cover = cover  # what each worker must not see (keyguard.py)
         self.scheduling = scheduling  # "batch": SCHED_BATCH, see the module docstring
         self._policy_warned = False
         self.cwd = cwd
@@ -231,6 +245,7 @@ class WorkerPool:
         respawn_max: float = 30.0,
         scheduling: Literal["batch", "other"] = "batch",
         feed: str = "NAME",
+        cover: Cover | None = None,
     ) -> WorkerPool:
         """The pool of a feed's planned workers; ``read_fds[i]`` is pipe i's read end."""
         workers = [
@@ -250,6 +265,7 @@ class WorkerPool:
             respawn_max=respawn_max,
             scheduling=scheduling,
             feed=feed,
+            cover=cover,
         )
 
     def spawn_all(self, now: float) -> None:
@@ -376,6 +392,7 @@ class WorkerPool:
             now=now,
             batch=self.scheduling == "batch",
             feed=self.feed,
+            cover=self.cover,
         )
         if self.scheduling == "batch" and not self._policy_warned:
             self._check_policy(worker)

@@ -184,6 +184,45 @@ cp "$state"/report-*.json "$out/reports/" 2>/dev/null
 record reports "$(cd "$out/reports" && ls)"
 wait "$replay_pid" 2>/dev/null
 
+# -- 5b. the key out of the workers' reach, under the unit: a worker that snoops ---------------
+step "snooping workers"
+snoop_unit=tradebalancer@snoop.service
+snoop_state=/var/lib/private/tradebalancer/snoop
+snoop_credentials=/run/credentials/$snoop_unit
+start_replay replay_snoop --source "$share/$LOOP_RECORDING" --loop --rate 2000
+printf '%s\n' "$KEY" | install -m 0600 -o root /dev/stdin /etc/tradebalancer/snoop.key
+cat >>/etc/tradebalancer.toml <<EOF
+
+# The snooping workers of the e2e test (tests/snoop.py): every way to the key they can try.
+[feeds.snoop]
+url = "wss://localhost:9443/stocks"
+ca_file = "$share/tlsca/ca.pem"
+pipes = 3
+workers = 2
+command = ["$python", "$share/snoop.py"]
+EOF
+sha256sum /etc/tradebalancer.toml | cut -d' ' -f1 >"$out/config.sha256"
+mkdir -p "/etc/systemd/system/$snoop_unit.d"
+printf '[Service]\nEnvironment=SNOOP_REPORT=%s SNOOP_PATHS=%s\n' \
+	"/var/lib/tradebalancer/snoop/snoop-{worker}.json" \
+	"$snoop_credentials:$snoop_credentials/api-key:/etc/tradebalancer/snoop.key" \
+	>"/etc/systemd/system/$snoop_unit.d/e2e-snoop.conf"
+systemctl daemon-reload
+since=$(date +%s)
+systemctl start "$snoop_unit" 2>"$out/snoop-start.txt"
+record snoop_start_status $?
+wait_for 120 files_exist "$snoop_state/snoop-0.json" "$snoop_state/snoop-1.json"
+record snoop_reported $?
+systemctl stop "$snoop_unit"
+record snoop_stop_status $?
+mkdir -p "$out/snoop"
+cp "$snoop_state"/snoop-*.json "$out/snoop/" 2>/dev/null
+journalctl -u "$snoop_unit" --since "@$since" -o cat --no-pager >"$out/snoop-journal.txt"
+rm -r "/etc/systemd/system/$snoop_unit.d" /etc/tradebalancer/snoop.key
+systemctl daemon-reload
+kill "$replay_pid" 2>/dev/null
+wait "$replay_pid" 2>/dev/null
+
 # -- 6. the watchdog: a stopped main process is killed and restarted ---------------------------
 step "watchdog"
 start_replay replay2 --source "$share/$LOOP_RECORDING" --loop --rate 2000
