@@ -22,7 +22,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from websockets.frames import Frame, Opcode
@@ -60,7 +60,7 @@ class Script:
     confirm: str = "each"  # "each", "grouped" (one message), "casefold", "reversed", "none"
     refuse: frozenset[str] = frozenset()  # channels answered with an error status instead
     before_greeting: Sequence[Action] = ()  # e.g. pings while the client waits for it
-    actions: Sequence[Action] = ()  # once subscribed, before ``frames``
+    actions: Iterable[Action] = ()  # once subscribed, before ``frames``; may be endless
     replay: bool = True  # False: only the first connection streams; the next ones stay silent
 
 
@@ -69,12 +69,14 @@ class HostileFeed:
     """The server: ``with HostileFeed(script) as feed: ... feed.url ...``."""
 
     script: Script = field(default_factory=Script)
+    scripts: Callable[[int], Script] | None = None  # a script per connection index, if given
     certfile: str | None = None
     keyfile: str | None = None
     reached: list[str] = field(default_factory=list)  # per connection, in order: its last step
     passed: set[str] = field(default_factory=set)  # every step some connection reached
     errors: list[str] = field(default_factory=list)  # what broke a connection's thread, if not I/O
     sent: list[bytes] = field(default_factory=list)  # every data frame sent whole, in order
+    sent_on: dict[int, list[bytes]] = field(default_factory=dict)  # the same, per connection
 
     def __post_init__(self) -> None:
         self._listener = socket.create_server(("127.0.0.1", 0), backlog=16)
@@ -140,13 +142,19 @@ class HostileFeed:
             self._threads.append(thread)
             thread.start()
 
-    def _reach(self, index: int, step: str) -> bool:
+    def _reach(self, index: int, step: str, script: Script) -> bool:
         """Record that connection ``index`` reached ``step``; False if the script stalls here."""
         with self._step:
             self.reached[index] = step
             self.passed.add(step)
             self._step.notify_all()
-        return self.script.stall_at != step
+        return script.stall_at != step
+
+    def _sent(self, index: int, frame: bytes) -> None:
+        """Record a data frame that connection ``index`` sent whole."""
+        with self._step:
+            self.sent.append(frame)
+            self.sent_on[index].append(frame)
 
     def _serve(self, sock: socket.socket) -> None:
         try:
@@ -157,54 +165,54 @@ class HostileFeed:
             self.errors.append(f"{type(exc).__name__}: {exc}")
 
     def _converse(self, sock: socket.socket) -> None:
-        script = self.script
         with self._step:
             index = len(self.reached)
             self.reached.append("accept")
             self.passed.add("accept")
             self._step.notify_all()
+            script = self.script if self.scripts is None else self.scripts(index)
+            self.sent_on[index] = []
         if self._context is not None:
-            if not self._reach(index, "tls"):
+            if not self._reach(index, "tls", script):
                 return self._hold(sock)
             sock = self._context.wrap_socket(sock, server_side=True)
             self._sockets.append(sock)
         connection = _Connection(sock)
         request = connection.request()
-        if not self._reach(index, "upgrade"):
+        if not self._reach(index, "upgrade", script):
             return self._hold(sock)
         connection.accept(request)
-        if not self._reach(index, "greeting"):
+        if not self._reach(index, "greeting", script):
             return self._hold(sock)
         for action in script.before_greeting:
-            self._act(connection, action)
+            self._act(index, connection, action)
         connection.send_text(script.greeting)
         connection.message()  # auth
-        if not self._reach(index, "auth"):
+        if not self._reach(index, "auth", script):
             return self._hold(sock)
         connection.send_text(script.auth_reply)
         subscribe = connection.message()
-        if not self._reach(index, "subscribe"):
+        if not self._reach(index, "subscribe", script):
             return self._hold(sock)
-        self._answer(connection, _params(subscribe))
-        if not self._reach(index, "stream") or (index > 0 and not script.replay):
+        self._answer(script, connection, _params(subscribe))
+        if not self._reach(index, "stream", script) or (index > 0 and not script.replay):
             return self._hold(sock, connection)
         for action in script.actions:
-            if self._act(connection, action):
+            if self._stopping.is_set() or self._act(index, connection, action):
                 return None
         for frame in script.frames:
             if self._stopping.is_set():
                 return None
             connection.send_text(frame)
-            self.sent.append(frame)
+            self._sent(index, frame)
             if script.frame_interval:
                 time.sleep(script.frame_interval)
         if script.close_after_stream:
             connection.close(1000, "end of script")
         return self._hold(sock, connection)
 
-    def _answer(self, connection: _Connection, channels: list[str]) -> None:
+    def _answer(self, script: Script, connection: _Connection, channels: list[str]) -> None:
         """Confirm (in the script's words) or refuse each subscribed channel."""
-        script = self.script
         refused = [c for c in channels if c in script.refuse]
         kept = [c for c in channels if c not in script.refuse]
         for channel in refused:
@@ -220,21 +228,21 @@ class HostileFeed:
             shown = channel.swapcase() if script.confirm == "casefold" else channel
             connection.send_text(status("success", f"subscribed to: {shown}"))
 
-    def _act(self, connection: _Connection, action: Action) -> bool:
+    def _act(self, index: int, connection: _Connection, action: Action) -> bool:
         """Do one action; True if the connection is over after it."""
         kind = action[0]
         if kind == "text":
             connection.send_text(action[1])  # type: ignore[arg-type]
-            self.sent.append(action[1])  # type: ignore[arg-type]
+            self._sent(index, action[1])  # type: ignore[arg-type]
         elif kind == "status":
             connection.send_text(action[1])  # type: ignore[arg-type]
         elif kind in ("fragments", "fragments+pings"):
             frame, pieces = action[1], action[2]
             connection.send_fragments(frame, pieces, pings=kind == "fragments+pings")  # type: ignore[arg-type]
-            self.sent.append(frame)  # type: ignore[arg-type]
+            self._sent(index, frame)  # type: ignore[arg-type]
         elif kind == "dribble":
             connection.send_text(action[1], dribble=True)  # type: ignore[arg-type]
-            self.sent.append(action[1])  # type: ignore[arg-type]
+            self._sent(index, action[1])  # type: ignore[arg-type]
         elif kind == "ping":
             connection.ping(action[1])  # type: ignore[arg-type]
         elif kind == "sleep":
