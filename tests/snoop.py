@@ -118,6 +118,8 @@ def main() -> int:
     balancer = os.getppid()
     paths = [p for p in os.environ.get("SNOOP_PATHS", "").split(":") if p]
     report: dict[str, object] = {"uid": os.getuid(), "balancer": balancer}
+    own = dict(line.partition(":")[::2] for line in read("/proc/self/status").splitlines())
+    report["no_new_privs"] = own["NoNewPrivs"].strip() == "1"  # a file capability grants none
     for path in paths:
         attempt(report, f"read {path}", lambda path=path: file_or_directory(path))
         attempt(

@@ -5,6 +5,10 @@ the same uid; the snooping worker tries the key file, the credentials directory,
 /proc files, memory, fds and root, ptrace, process_vm_readv, and every other process it can
 see. Nothing it finds may hold the key. A control run with key_isolation = "off" finds the key,
 so the test does see a leak when there is one.
+
+Where the kernel refuses the workers a user namespace (here: the balancer runs in a user
+namespace whose user.max_user_namespaces is 0), "auto" says so once and starts the workers
+without the cover, and "required" refuses to start (exit 69).
 """
 
 from __future__ import annotations
@@ -49,14 +53,27 @@ def home() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def owned(path: Path, mode: int) -> Path:
-    os.chown(path, USER, USER)
+def owned(path: Path, mode: int, owner: int = USER) -> Path:
+    os.chown(path, owner, owner)
     path.chmod(mode)
     return path
 
 
-def snoop(home: Path, *, key_in: str, isolation: str = "auto") -> tuple[list[dict], str]:
-    """Run the balancer with snooping workers; return their reports and the balancer's log."""
+# Runs a command as root of a new user namespace in which no further one may be made.
+NO_USER_NAMESPACES = [
+    *("unshare", "--user", "--map-root-user", "sh", "-c"),
+    'echo 0 >/proc/sys/user/max_user_namespaces && exec "$@"',
+    "sh",
+]
+AS_USER = ["setpriv", f"--reuid={USER}", f"--regid={USER}", "--clear-groups"]
+
+
+def snoop(
+    home: Path, *, key_in: str, isolation: str = "auto", prefix: list[str] = AS_USER
+) -> tuple[list[dict], str]:
+    owner = USER if prefix is AS_USER else 0
+    """Run the balancer (under ``prefix``) with snooping workers; return their reports and
+    the balancer's log."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MASSIVE", "POLYGON"))}
     env["PYTHONPATH"] = str(REPO)
     env["SNOOP_REPORT"] = str(home / "report-{worker}.json")
@@ -65,8 +82,8 @@ def snoop(home: Path, *, key_in: str, isolation: str = "auto") -> tuple[list[dic
         credentials.mkdir()
         key_file = credentials / "api-key"
         key_file.write_text(KEY + "\n")
-        owned(key_file, 0o400)
-        owned(credentials, 0o500)
+        owned(key_file, 0o400, owner)
+        owned(credentials, 0o500, owner)
         env["CREDENTIALS_DIRECTORY"] = str(credentials)
         env["SNOOP_PATHS"] = f"{credentials}:{key_file}"
         key_line = 'api_key_file = "${CREDENTIALS_DIRECTORY}/api-key"'
@@ -84,7 +101,7 @@ def snoop(home: Path, *, key_in: str, isolation: str = "auto") -> tuple[list[dic
         with open(log, "wb") as out:
             balancer = subprocess.Popen(
                 [
-                    *("setpriv", f"--reuid={USER}", f"--regid={USER}", "--clear-groups"),
+                    *prefix,
                     *(sys.executable, "-m", "tradebalancer", "--config", str(config)),
                     *("run", "feed"),
                 ],
@@ -124,6 +141,7 @@ def test_a_worker_of_the_same_user_finds_the_key_nowhere(home: Path, key_in: str
     if key_in == "credential":
         assert f"workers start without access to {home / 'credentials'}" in log
         assert all(report["uid"] == 65534 for report in reports)  # no uid mapped inside
+        assert all(report["no_new_privs"] for report in reports)  # nothing undoes the cover
     else:
         assert "workers start without access" not in log  # no file to hide
 
@@ -135,3 +153,109 @@ def test_the_snoop_does_find_a_key_left_in_reach(home: Path) -> None:
     assert all(KEY in json.dumps(report) for report in reports)
     assert "workers start without access" not in log
     assert all(not report["balancer's environ"]["ok"] for report in reports)  # still sealed
+
+
+@pytest.fixture
+def root_home() -> Iterator[Path]:
+    """A directory for a balancer that runs as root of a user namespace of its own."""
+    path = Path(tempfile.mkdtemp(prefix="tb-keyguard-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# A worker that copies the key file, if it can, then reads its pipes to end of file.
+PEEKER = (
+    "import os, sys\n"
+    "try:\n"
+    "    found = open(os.environ['PEEK']).read()\n"
+    "except OSError as exc:\n"
+    "    found = str(exc)\n"
+    "open('peek-' + os.environ['TRADEBALANCER_WORKER'], 'w').write(found)\n"
+    "fds = [int(fd) for fd in os.environ['TRADEBALANCER_FDS'].split(',')]\n"
+    "while fds:\n"
+    "    fds = [fd for fd in fds if os.read(fd, 1 << 16)]\n"
+)
+
+
+def without_user_namespaces(
+    home: Path, url: str, isolation: str
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """Start the balancer as root of a user namespace that may not make another, its key in a
+    credential file, with workers that peek at it."""
+    credentials = home / "credentials"
+    credentials.mkdir(mode=0o500)
+    (credentials / "api-key").write_text(KEY + "\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASSIVE", "POLYGON"))}
+    env.update(
+        PYTHONPATH=str(REPO),
+        CREDENTIALS_DIRECTORY=str(credentials),
+        PEEK=str(credentials / "api-key"),
+    )
+    config = home / "tradebalancer.toml"
+    config.write_text(
+        f'[feeds.feed]\nurl = "{url}"\n'
+        'api_key_file = "${CREDENTIALS_DIRECTORY}/api-key"\n'
+        f'key_isolation = "{isolation}"\nworking_directory = "{home}"\n'
+        f"command = {json.dumps([WORKER_PYTHON, '-c', PEEKER])}\nstats_interval = 0.5\n"
+    )
+    log = home / "balancer.log"
+    balancer = [sys.executable, "-m", "tradebalancer", "--config", str(config), "run", "feed"]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [*NO_USER_NAMESPACES, *balancer], stdout=out, stderr=subprocess.STDOUT, env=env
+        )
+    return process, log
+
+
+@pytest.mark.timeout(120)
+def test_without_user_namespaces_auto_says_so_once_and_runs(root_home: Path) -> None:
+    """No namespace for the workers: one warning that says why and what to do, then the
+    service runs; its workers can read the key file, as the warning says."""
+    with ReplayServer(ReplayOptions(accept_keys=frozenset({KEY}), rate=2000)) as server:
+        balancer, log = without_user_namespaces(root_home, server.url, "auto")
+        try:
+            deadline = time.monotonic() + 60
+            while "events/s" not in log.read_text():
+                assert balancer.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
+            balancer.send_signal(signal.SIGTERM)
+            assert balancer.wait(30) == 0, log.read_text()
+        finally:
+            if balancer.poll() is None:
+                balancer.kill()
+                balancer.wait()
+    text = log.read_text()
+    warning = (
+        f"the workers would see {root_home / 'credentials'}: no user and mount namespace of "
+        "their own here (unshare(CLONE_NEWUSER): No space left on device)"
+    )
+    assert text.count(warning) == 1, text
+    assert 'or set key_isolation = "off" to silence this' in text
+    assert (root_home / "peek-0").read_text().strip() == KEY
+
+
+@pytest.mark.timeout(60)
+def test_without_user_namespaces_required_refuses_to_start(root_home: Path) -> None:
+    """key_isolation = "required": exit 69 before any worker, with the reason and the way out."""
+    unused = "ws://127.0.0.1:9/stocks"  # never reached
+    balancer, log = without_user_namespaces(root_home, unused, "required")
+    assert balancer.wait(50) == 69, log.read_text()
+    text = log.read_text()
+    assert "no user and mount namespace of their own here" in text
+    assert 'or set key_isolation = "auto"' in text
+    assert "started" not in text and not (root_home / "peek-0").exists()
+
+
+def test_every_command_seals_the_process_before_anything_else() -> None:
+    """check-config --require-key reads the key too, and the environment may hold it from the
+    start: the seal comes first, whatever the command and however it ends."""
+    code = (
+        "import prctl\nfrom tradebalancer.cli import main\n"
+        "main(['check-config', '--require-key', '--config', '/nonexistent.toml'])\n"
+        "print('dumpable', prctl.get_dumpable())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert "dumpable False" in result.stdout, result

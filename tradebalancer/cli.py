@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tradebalancer`` command; returns the exit code."""
     handled = signals.install()  # already done by ``python -m tradebalancer``; idempotent
+    # First: run and check-config --require-key read the key, and the environment may hold it.
+    keyguard.seal()
     try:
         args = build_parser().parse_args(argv)
         configure_logging(verbose=args.verbose)
@@ -198,7 +200,6 @@ def run(path: str, name: str) -> int:
     from .service import Service
 
     feed = config.load(path).feed(name)
-    keyguard.seal()  # before the key is read: no process of this user reads our memory
     api_key = credentials.resolve_api_key(feed, os.environ)
     preflight.check_plans(feed, plan.plan_workers(feed, os.environ))
     logger.info(

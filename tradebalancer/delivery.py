@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from .reader.framing import MessageParser
 from .units import count
 
-__all__ = ["WorkerAccount", "account", "describe", "left_in"]
+__all__ = ["WorkerAccount", "account", "describe", "left_in", "tally"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,15 @@ def account(
         total[0] += routed[pipe] - undelivered
         total[1] += undelivered
     return [WorkerAccount(worker, *totals[worker]) for worker in sorted(totals)]
+
+
+def tally(
+    routed: Sequence[int],
+    remainders: Iterable[tuple[int, Iterable[bytes | memoryview]]],
+    owners: Mapping[int, int],
+) -> list[WorkerAccount]:
+    """``account`` from each pipe's (index, remainder) as the stop left it."""
+    return account(routed, {index: left_in(rest) for index, rest in remainders}, owners)
 
 
 def describe(accounts: Sequence[WorkerAccount]) -> str:

@@ -52,7 +52,7 @@ class Forwarder:
         self.pipes = pipes
         self.stats = stats
         self.splitter = Splitter(config.pipes, config.route_keys, config.route_key_default)
-        self._pipe_owners = dict(pipe_owners)  # pipe index -> worker index, for the log
+        self.pipe_owners = dict(pipe_owners)  # pipe index -> worker index: the log, the stop
         self._out: list[list[bytes]] = [[] for _ in range(config.pipes)]
         self._rejected_unlogged = 0
         self._last_rejected: FrameError | None = None
@@ -133,7 +133,7 @@ class Forwarder:
             stats.refused_events = splitter.refused_events
         worst = self.pipes.worst()
         stats.largest_backlog = worst.backlog_bytes
-        stats.largest_backlog_worker = self._pipe_owners.get(worst.index)
+        stats.largest_backlog_worker = self.pipe_owners.get(worst.index)
 
     def _pause(self, now: float) -> None:
         self.paused = True
@@ -148,7 +148,7 @@ class Forwarder:
     def _behind(self) -> str:
         worst = self.pipes.worst()
         return (
-            f"worker {self._pipe_owners.get(worst.index, -1)} is behind (pipe {worst.index} "
+            f"worker {self.pipe_owners.get(worst.index, -1)} is behind (pipe {worst.index} "
             f"holds {format_size(worst.backlog_bytes)})"
         )
 

@@ -31,6 +31,7 @@ without it, or stops (key_isolation = "required").
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 from collections.abc import Callable, Mapping
@@ -39,9 +40,12 @@ from dataclasses import dataclass
 import prctl
 
 from .config import FeedConfig
+from .errors import KeyIsolationUnavailable
 from .signals import HANDLED
 
-__all__ = ["Cover", "cover_for", "probe", "seal", "sealed"]
+__all__ = ["Cover", "cover_for", "prepare", "probe", "seal", "sealed"]
+
+logger = logging.getLogger(__name__)
 
 _CLONE_NEWNS = 0x00020000
 _CLONE_NEWUSER = 0x10000000
@@ -108,6 +112,10 @@ class Cover:
                 None,
                 what=f"mount /dev/null on {file}",
             )
+        # The namespace gave this process every capability in it, and a program with file
+        # capabilities would keep them there after exec (enough to unmount the cover): no exec
+        # from here on grants any privilege.
+        prctl.set_no_new_privs(True)
 
 
 def _call(function: Callable[..., int], *args: object, what: str) -> None:  # pragma: no cover
@@ -133,6 +141,27 @@ def cover_for(feed: FeedConfig, environ: Mapping[str, str], key_file: str | None
     if not files and not directories:
         return None
     return Cover(tuple(files), tuple(directories))
+
+
+def prepare(feed: FeedConfig, environ: Mapping[str, str], key_file: str | None) -> Cover | None:
+    """The cover for ``feed``'s workers if this kernel allows it (probed), said once either
+    way; None without one. Raises KeyIsolationUnavailable if it is required and refused."""
+    cover = cover_for(feed, environ, key_file)
+    if cover is None:
+        return None
+    reason = probe(cover)
+    if reason is None:
+        logger.info("workers start without access to %s", describe(cover))
+        return cover
+    message = (
+        f"the workers would see {describe(cover)}: no user and mount namespace of their own "
+        f"here ({reason}); allow unprivileged user namespaces (README: What the workers "
+        "cannot read)"
+    )
+    if feed.key_isolation == "required":
+        raise KeyIsolationUnavailable(f'{message}, or set key_isolation = "auto"')
+    logger.warning('%s, or set key_isolation = "off" to silence this', message)
+    return None
 
 
 def probe(cover: Cover) -> str | None:

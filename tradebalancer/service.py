@@ -30,13 +30,7 @@ from . import delivery, keyguard
 from .backoff import Backoff
 from .config import FeedConfig
 from .connection import FeedConnection
-from .errors import (
-    AuthError,
-    ExitCode,
-    KernelTLSUnavailable,
-    KeyIsolationUnavailable,
-    TradeBalancerError,
-)
+from .errors import AuthError, ExitCode, KernelTLSUnavailable, TradeBalancerError
 from .forward import Forwarder
 from .pipes import Pipe, PipeSet, pipe_max_size
 from .plan import plan_workers
@@ -142,42 +136,15 @@ class Service:
     def _start_workers(self) -> None:
         config = self.config
         plans = plan_workers(config, self.environ)  # a bad template fails before any pipe
-        cover = self._key_cover()
+        cover = keyguard.prepare(config, self.environ, self._key_file)
         largest = config.pipe_size == "max"
         size = pipe_max_size() if largest else int(config.pipe_size)
         self.pipes = PipeSet.open(config.pipes, size, largest=largest, feed=config.name)
         owners = {pipe: plan.index for plan in plans for pipe in plan.pipes}
         self.forwarder = Forwarder(config, self.pipes, self.stats, owners)
-        self.pool = WorkerPool.from_plans(
-            plans,
-            [pipe.read_fd for pipe in self.pipes],
-            respawn_initial=config.worker_restart.initial,
-            respawn_max=config.worker_restart.max,
-            scheduling=config.worker_scheduling,
-            feed=config.name,
-            cover=cover,
-        )
+        read_fds = [pipe.read_fd for pipe in self.pipes]
+        self.pool = WorkerPool.from_plans(plans, read_fds, config, cover)
         self.pool.spawn_all(self.clock())
-
-    def _key_cover(self) -> keyguard.Cover | None:
-        """What to hide from the workers, if this kernel lets them have a namespace of their
-        own (keyguard.py); said once either way."""
-        cover = keyguard.cover_for(self.config, self.environ, self._key_file)
-        if cover is None:
-            return None
-        reason = keyguard.probe(cover)
-        if reason is None:
-            logger.info("workers start without access to %s", keyguard.describe(cover))
-            return cover
-        message = (
-            f"the workers would see {keyguard.describe(cover)}: no user and mount namespace of "
-            f"their own here ({reason}); allow unprivileged user namespaces "
-            "(README: What the workers cannot read)"
-        )
-        if self.config.key_isolation == "required":
-            raise KeyIsolationUnavailable(f'{message}, or set key_isolation = "auto"')
-        logger.warning('%s, or set key_isolation = "off" to silence this', message)
-        return None
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -243,9 +210,7 @@ class Service:
             self._reap_needed = False
             pool.reap(now)
         if pool is not None:
-            before = pool.restarts
-            pool.respawn_due(now)
-            self.stats.worker_restarts += pool.restarts - before
+            self.stats.worker_restarts += pool.respawn_due(now)
         if connection is not None:
             connection.tick(now)
         if self.status is not None and self.forwarder is not None:
@@ -266,12 +231,9 @@ class Service:
                 self.poller.watch_connection(
                     connection.pollable(), connection.events(), hangup=connection.watches_hangup()
                 )
-                if connection.fallback_reason and not self._fallback_logged:
+                if (why := connection.fallback_reason) and not self._fallback_logged:
                     self._fallback_logged = True
-                    logger.warning(
-                        "kernel TLS not used, TLS stays in user space: %s",
-                        connection.fallback_reason,
-                    )
+                    logger.warning("kernel TLS not used, TLS stays in user space: %s", why)
                 self.stats.tls = connection.tls
                 return
             self._drop_connection()
@@ -323,10 +285,9 @@ class Service:
             # Each worker reads what is left, sees end of file and exits, or is made to.
             pool.stop(drain, WORKER_TERM_TIMEOUT, self.clock)
         if self.forwarder is not None and pool is not None:
-            accounts = delivery.account(
-                self.forwarder.splitter.pipe_events(),
-                {pipe.index: delivery.left_in(pipe.remainder()) for pipe in self.pipes},
-                {pipe: worker.index for worker in pool.workers for pipe in worker.pipe_indexes},
+            remainders = [(pipe.index, pipe.remainder()) for pipe in self.pipes]
+            accounts = delivery.tally(
+                self.forwarder.splitter.pipe_events(), remainders, self.forwarder.pipe_owners
             )
             if any(account.undelivered for account in accounts):
                 logger.error("%s", delivery.describe(accounts))

@@ -35,6 +35,7 @@ from typing import Literal
 
 import prctl
 
+from .config import FeedConfig
 from .errors import WorkerError
 from .keyguard import Cover
 from .plan import WorkerPlan
@@ -240,14 +241,10 @@ class WorkerPool:
         cls,
         plans: Sequence[WorkerPlan],
         read_fds: Sequence[int],
-        *,
-        respawn_initial: float = 1.0,
-        respawn_max: float = 30.0,
-        scheduling: Literal["batch", "other"] = "batch",
-        feed: str = "NAME",
+        feed: FeedConfig,
         cover: Cover | None = None,
     ) -> WorkerPool:
-        """The pool of a feed's planned workers; ``read_fds[i]`` is pipe i's read end."""
+        """The pool of ``feed``'s planned workers; ``read_fds[i]`` is pipe i's read end."""
         workers = [
             Worker(
                 index=plan.index,
@@ -261,10 +258,10 @@ class WorkerPool:
         return cls(
             workers,
             cwd=plans[0].cwd,
-            respawn_initial=respawn_initial,
-            respawn_max=respawn_max,
-            scheduling=scheduling,
-            feed=feed,
+            respawn_initial=feed.worker_restart.initial,
+            respawn_max=feed.worker_restart.max,
+            scheduling=feed.worker_scheduling,
+            feed=feed.name,
             cover=cover,
         )
 
@@ -319,8 +316,9 @@ class WorkerPool:
         self.reap(time.monotonic())
         return {index for worker in self.running() for index in worker.pipe_indexes}
 
-    def respawn_due(self, now: float) -> None:
-        """Restart the workers whose backoff has passed."""
+    def respawn_due(self, now: float) -> int:
+        """Restart the workers whose backoff has passed; return how many were."""
+        before = self.restarts
         for worker in self.workers:
             if worker.pid is None and worker.respawn_at is not None and now >= worker.respawn_at:
                 try:
@@ -339,6 +337,7 @@ class WorkerPool:
                     worker.restarts,
                     _ranges(worker.pipe_indexes),
                 )
+        return self.restarts - before
 
     def next_deadline(self) -> float | None:
         """Return the earliest pending respawn time, or None."""
