@@ -27,8 +27,11 @@ What is checked, per run and over the soak (``Soak.problems``):
 * the final line is true: per worker, recorded <= delivered <= recorded + deaths, and
   delivered + not delivered <= sent; the exit status is 75 if anything is not delivered,
   else 0;
+* a connection the feed closed (a close frame, a FIN) and the balancer left for the next one
+  was read to its end: its events a worker did not record are at most that worker's not
+  delivered count plus its deaths;
 * every SIGTERM is logged and honoured within ``2 * drain_timeout + 5`` seconds (README), and
-  after each stop no process of the run is left.
+  once the balancer has exited no process of the run is left (looked for at once).
 
 An event sent after the last one a worker recorded from its connection was either never
 received (it was in the socket when the connection ended) or left in the pipe at the stop,
@@ -63,6 +66,7 @@ SYMBOLS = [f"C{i:02d}" for i in range(40)]
 HERE = Path(__file__).resolve().parent
 
 ENDINGS = ["stream", "close-1000", "close-1001", "fin", "reset", "max-connections"]
+CLEAN_ENDINGS = {"close-1000", "close-1001", "fin", "max-connections"}
 STALLS = ["tls", "upgrade", "greeting", "auth", "subscribe"]
 STREAM = ["text", "fragments", "fragments+pings", "dribble", "status", "ping", "not-json"]
 
@@ -84,6 +88,7 @@ class Run:
     exit_code: int | None = None
     stop_seconds: float | None = None
     log: str = ""
+    leftovers: list[str] = field(default_factory=list)  # processes of the run after its exit
 
 
 @dataclass
@@ -121,6 +126,7 @@ class Feed:
         self._numbers = itertools.count()  # next() is atomic: two threads never share one
         self.actions: Counter[str] = Counter()
         self._lock = threading.Lock()  # connection threads count actions
+        self.ended: dict[int, str] = {}  # connection -> the ending it reached
 
     def _count(self, action: str) -> None:
         with self._lock:
@@ -144,10 +150,12 @@ class Feed:
             return script
         ending = ENDINGS[index % len(ENDINGS)]
         length = None if ending == "stream" else rng.randint(5, 400)
-        script.actions = self._stream(rng, length, ending)
+        script.actions = self._stream(rng, length, ending, index)
         return script
 
-    def _stream(self, rng: random.Random, length: int | None, ending: str) -> Iterator[Action]:
+    def _stream(
+        self, rng: random.Random, length: int | None, ending: str, index: int
+    ) -> Iterator[Action]:
         """The actions once subscribed: ``length`` of a random mix (None: for ever), then
         ``ending``.
 
@@ -174,6 +182,7 @@ class Feed:
             if rng.random() < 0.6:  # else a burst
                 yield ("sleep", rng.uniform(0.0, 0.006))
         self._count(ending)  # reached: the balancer was still there
+        self.ended[index] = ending
         if ending == "close-1000":
             yield ("close", 1000, "end of stream")
         elif ending == "close-1001":
@@ -232,7 +241,7 @@ def run_soak(
         feed.close()
         soak.actions.update(feed_scripts.actions)
         for run in soak.runs:
-            _check(run, feed, directory, soak)
+            _check(run, feed, feed_scripts.ended, directory, soak)
         if feed.errors:
             soak.problems.append(f"the feed's threads broke: {feed.errors[:5]}")
     _check_order(soak, directory)
@@ -306,7 +315,8 @@ worker_restart.max = 0.3
         if process.poll() is None:
             process.kill()
             process.wait()
-        for pid in _children_of(directory):  # never kept: the next run must start clean
+        for pid, command in _children_of(directory):  # seen now, then killed: never kept
+            run.leftovers.append(f"{pid} {command}")
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     run.log = log_path.read_text(errors="replace")
@@ -358,23 +368,38 @@ def _torment(
 
 
 def _workers_of(pid: int) -> list[int]:
+    """The balancer's children that run a worker: one forked and not yet exec'd holds the
+    balancer in spawn() until it execs, and is left alone."""
     try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return []
-    return [int(child) for child in children]
+        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:  # a kernel without CONFIG_PROC_CHILDREN
+        children = [child for child, parent in _processes() if parent == pid]
+    workers = []
+    for child in children:
+        with contextlib.suppress(OSError):
+            if b"chaosworker.py" in Path(f"/proc/{child}/cmdline").read_bytes():
+                workers.append(child)
+    return workers
 
 
-def _children_of(directory: Path) -> list[int]:
+def _processes() -> Iterator[tuple[int, int]]:
+    """(pid, parent pid) of every process."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text()
+                yield int(entry.name), int(stat[stat.rindex(")") + 2 :].split()[1])
+
+
+def _children_of(directory: Path) -> list[tuple[int, str]]:
     """Every process whose command line names ``directory``: what a run may leave behind."""
     found = []
     needle = str(directory).encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid, _ in _processes():
         with contextlib.suppress(OSError):
-            if needle in (entry / "cmdline").read_bytes() and int(entry.name) != os.getpid():
-                found.append(int(entry.name))
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if needle in command and pid != os.getpid():
+                found.append((pid, command.replace(b"\0", b" ").decode(errors="replace")))
     return found
 
 
@@ -382,7 +407,7 @@ def _q(event: dict[str, object]) -> int:
     return int(str(event["q"]))
 
 
-def _check(run: Run, feed: HostileFeed, directory: Path, soak: Soak) -> None:
+def _check(run: Run, feed: HostileFeed, ended: dict[int, str], directory: Path, soak: Soak) -> None:
     """The checks of one run (module docstring)."""
     where = f"run {run.number} (log {directory}/run-{run.number}.log)"
     log = run.log
@@ -392,9 +417,8 @@ def _check(run: Run, feed: HostileFeed, directory: Path, soak: Soak) -> None:
         soak.problems.append(f"{where}: no 'SIGTERM received' in the log")
     if run.stop_seconds is not None and run.stop_seconds > STOP_BOUND:
         soak.problems.append(f"{where}: the stop took {run.stop_seconds:.2f} s > {STOP_BOUND} s")
-    left = [pid for _, pid in _STARTED.findall(log) if Path(f"/proc/{pid}").exists()]
-    if left:
-        soak.problems.append(f"{where}: workers left running: {left}")
+    if run.leftovers:
+        soak.problems.append(f"{where}: left running after its exit: {run.leftovers}")
     deaths = Counter(int(worker) for worker, _ in _DIED.findall(log))
     recorded = {
         worker: _records(directory / f"run-{run.number}-worker-{worker}.rec")
@@ -413,6 +437,14 @@ def _check(run: Run, feed: HostileFeed, directory: Path, soak: Soak) -> None:
     for worker in range(WORKERS):
         for problem in _holes(sent[worker], recorded[worker]):
             soak.problems.append(f"{where}: worker {worker}: {problem}")
+    # A connection the feed closed (a close frame, a FIN) and the balancer left for another
+    # was read to its end: what it sent and a worker did not record is not delivered, or the
+    # message a dying worker held.
+    closed = {c for c in run.connections[:-1] if ended.get(c) in CLEAN_ENDINGS}
+    unread = {
+        worker: _unrecorded_tails(sent[worker], recorded[worker], closed)
+        for worker in range(WORKERS)
+    }
     shares = _final_line(log)
     if shares is None:
         if sum(sent_to.values()):
@@ -434,6 +466,11 @@ def _check(run: Run, feed: HostileFeed, directory: Path, soak: Soak) -> None:
                 f"{sent_to[worker]} were sent whole to it"
             )
         soak.lost_to_deaths += delivered - have
+        if unread[worker] > undelivered + deaths[worker]:
+            soak.problems.append(
+                f"{where}: worker {worker}: {unread[worker]} events of connections read to "
+                f"their end are missing; {undelivered} not delivered, {deaths[worker]} deaths"
+            )
     soak.not_delivered += undelivered_total
     expected = 75 if undelivered_total else 0
     if run.exit_code != expected:
@@ -450,6 +487,22 @@ def _records(path: Path) -> list[tuple[int, int]]:
         else:
             events.append((_q(json.loads(line)), life))
     return events
+
+
+def _unrecorded_tails(
+    sent: list[tuple[int, int]], recorded: list[tuple[int, int]], connections: set[int]
+) -> int:
+    """How many events of ``connections`` came after the last one recorded from each."""
+    got = {q for q, _ in recorded}
+    last: dict[int, int] = {}
+    for index, (q, connection) in enumerate(sent):
+        if q in got:
+            last[connection] = index
+    return sum(
+        1
+        for index, (q, connection) in enumerate(sent)
+        if connection in connections and index > last.get(connection, -1)
+    )
 
 
 def _holes(sent: list[tuple[int, int]], recorded: list[tuple[int, int]]) -> list[str]:

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from websockets.exceptions import InvalidState
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
 from websockets.server import ServerProtocol
@@ -159,8 +160,8 @@ class HostileFeed:
     def _serve(self, sock: socket.socket) -> None:
         try:
             self._converse(sock)
-        except (OSError, EOFError):  # the client went away (a stopped balancer, a reset)
-            pass
+        except (OSError, EOFError, InvalidState):  # the client went away (a stopped balancer, a
+            pass  # reset), or closed the websocket: nothing more may be sent on it
         except Exception as exc:  # a test reads ``errors``: a thread must not die loud
             self.errors.append(f"{type(exc).__name__}: {exc}")
 
