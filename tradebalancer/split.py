@@ -66,7 +66,9 @@ Slow path: the parsed items give each event's type and key, spans.py each object
 Measured by tests/bench_split.py (300 trades a frame, 4,000 symbols, CPython 3.11, this 2-core
 machine), ns per event, before the C router validated the frame: C router 54-59; Python
 layout path 265-305, mixed 335-410, the same after orjson.loads (the Python paths now) 720-810,
-slow path 1,420-1,640; ``orjson.loads`` alone 450-500. Most of the Python fast path
+slow path 1,420-1,640; ``orjson.loads`` alone 450-500. The C router's JSON check adds 49-58 ns
+(``make bench``'s stages, and alternating pairs; 158-172 before its 64-byte pass). Most of the
+Python fast path
 is two allocations per event (the piece from split, the event from join) and four list
 operations; the benchmark's docstring lists the designs compared.
 """
