@@ -8,6 +8,7 @@ for byte, and that the log says what a user needs to read.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -150,8 +151,6 @@ def test_every_channel_refused_keeps_the_connection_without_a_loop(
 
 def balancer_cpu(balancer: Balancer) -> float:
     fields = Path(f"/proc/{balancer.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    import os
-
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -109,21 +109,27 @@ def snoop(
                 stderr=subprocess.STDOUT,
                 env=env,
             )
-        try:
-            reports = [home / f"report-{worker}.json" for worker in range(WORKERS)]
-            deadline = time.monotonic() + 60
-            while not (all(r.exists() for r in reports) and "events/s" in log.read_text()):
-                assert balancer.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, log.read_text()
-                time.sleep(0.1)
-            assert "subscription confirmed" in log.read_text()  # the key was used: in memory
-            balancer.send_signal(signal.SIGTERM)
-            assert balancer.wait(30) == 0, log.read_text()
-        finally:
-            if balancer.poll() is None:
-                balancer.kill()
-                balancer.wait()
+        reports = [home / f"report-{worker}.json" for worker in range(WORKERS)]
+        stop_when(balancer, log, lambda: all(report.exists() for report in reports))
+    assert "subscription confirmed" in log.read_text()  # the key was used: in memory
     return [json.loads(r.read_text()) for r in reports], log.read_text()
+
+
+def stop_when(balancer: subprocess.Popen[bytes], log: Path, ready: Callable[[], bool]) -> None:
+    """Wait (60 s at most) until the balancer streams ("events/s" in its log) and ``ready``
+    holds, then SIGTERM it: it must exit 0. Killed if it does not."""
+    try:
+        deadline = time.monotonic() + 60
+        while not ("events/s" in log.read_text() and ready()):
+            assert balancer.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        balancer.send_signal(signal.SIGTERM)
+        assert balancer.wait(30) == 0, log.read_text()
+    finally:
+        if balancer.poll() is None:
+            balancer.kill()
+            balancer.wait()
 
 
 @pytest.mark.timeout(120)
@@ -214,17 +220,7 @@ def test_without_user_namespaces_auto_says_so_once_and_runs(root_home: Path) -> 
     service runs; its workers can read the key file, as the warning says."""
     with ReplayServer(ReplayOptions(accept_keys=frozenset({KEY}), rate=2000)) as server:
         balancer, log = without_user_namespaces(root_home, server.url, "auto")
-        try:
-            deadline = time.monotonic() + 60
-            while "events/s" not in log.read_text():
-                assert balancer.poll() is None and time.monotonic() < deadline, log.read_text()
-                time.sleep(0.1)
-            balancer.send_signal(signal.SIGTERM)
-            assert balancer.wait(30) == 0, log.read_text()
-        finally:
-            if balancer.poll() is None:
-                balancer.kill()
-                balancer.wait()
+        stop_when(balancer, log, lambda: True)
     text = log.read_text()
     warning = (
         f"the workers would see {root_home / 'credentials'}: no user and mount namespace of "

@@ -33,15 +33,14 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import prctl
 
+from . import signals
 from .config import FeedConfig
 from .errors import KeyIsolationUnavailable
-from .signals import HANDLED
 
 __all__ = ["Cover", "cover_for", "prepare", "probe", "seal", "sealed"]
 
@@ -80,42 +79,36 @@ class Cover:
         """
         _call(_libc.unshare, _CLONE_NEWUSER | _CLONE_NEWNS, what="unshare(CLONE_NEWUSER)")
         # the mounts below must never propagate to the service's namespace
-        _call(
-            _libc.mount,
-            None,
-            b"/",
-            None,
-            _MS_REC | _MS_PRIVATE,
-            None,
-            what="mount --make-rprivate /",
-        )
+        _mount(None, "/", None, _MS_REC | _MS_PRIVATE, None, what="mount --make-rprivate /")
         flags = _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
         for directory in self.directories:
-            path = os.fsencode(directory)
-            _call(
-                _libc.mount,
+            _mount(
                 b"none",
-                path,
+                directory,
                 b"tmpfs",
                 flags,
                 b"size=4k,mode=0",
                 what=f"mount tmpfs on {directory}",
             )
         for file in self.files:
-            path = os.fsencode(file)
-            _call(
-                _libc.mount,
-                b"/dev/null",
-                path,
-                None,
-                _MS_BIND,
-                None,
-                what=f"mount /dev/null on {file}",
-            )
+            _mount(b"/dev/null", file, None, _MS_BIND, None, what=f"mount /dev/null on {file}")
         # The namespace gave this process every capability in it, and a program with file
         # capabilities would keep them there after exec (enough to unmount the cover): no exec
         # from here on grants any privilege.
         prctl.set_no_new_privs(True)
+
+
+def _mount(  # pragma: no cover - runs in a child, between fork and exec
+    source: bytes | None,
+    target: str,
+    fstype: bytes | None,
+    flags: int,
+    data: bytes | None,
+    *,
+    what: str,
+) -> None:
+    """mount(2) on ``target``; OSError "WHAT: reason" if refused."""
+    _call(_libc.mount, source, os.fsencode(target), fstype, flags, data, what=what)
 
 
 def _call(function: Callable[..., int], *args: object, what: str) -> None:  # pragma: no cover
@@ -167,13 +160,7 @@ def prepare(feed: FeedConfig, environ: Mapping[str, str], key_file: str | None) 
 def probe(cover: Cover) -> str | None:
     """Try ``cover`` in a child that exits at once; return why it failed, or None."""
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
-    parent = os.getpid()
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)  # as workers.spawn, for a child
-    try:
-        pid = os.fork()
-    finally:
-        if os.getpid() == parent:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    pid = signals.fork()
     if pid == 0:  # pragma: no cover - the child
         try:
             cover.apply()

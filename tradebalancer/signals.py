@@ -186,6 +186,21 @@ def uninstall() -> None:
         _installed = None
 
 
+def fork() -> int:
+    """``os.fork`` with the handled signals blocked across it: the parent gets its mask back,
+    the child keeps them blocked until it has reset its dispositions (or exits). Unblocked, a
+    SIGTERM meant for the child (its PR_SET_PDEATHSIG, say) could run the balancer's inherited
+    handler there, which would record it and let the child go on with the signal gone."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+    pid = -1
+    try:
+        pid = os.fork()
+    finally:
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    return pid
+
+
 def names(signals: Iterable[int]) -> str:
     """Format signal numbers for a log line: 'SIGTERM, SIGHUP'."""
     return ", ".join(signal.Signals(signum).name for signum in signals)

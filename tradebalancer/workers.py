@@ -35,6 +35,7 @@ from typing import Literal
 
 import prctl
 
+from . import signals
 from .config import FeedConfig
 from .errors import WorkerError
 from .keyguard import Cover
@@ -97,13 +98,8 @@ def spawn(
     parent = os.getpid()
     status_read, status_write = os.pipe2(os.O_CLOEXEC)
     env_list = dict(env)
-    # The handled signals wait until each side is ready for them: the parent's own handlers
-    # after the fork, the child's default dispositions after it has reset them. Unblocked, a
-    # SIGTERM for the child (its PR_SET_PDEATHSIG) could run the balancer's inherited handler
-    # there, which would record it and let the worker start with the signal gone.
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
     try:
-        pid = os.fork()
+        pid = signals.fork()  # the child resets its dispositions before it takes a signal
     except OSError as exc:
         os.close(status_read)
         os.close(status_write)
@@ -111,9 +107,6 @@ def spawn(
             f"cannot start worker {worker.index}: fork failed: {exc.strerror or exc}; "
             "raise the service's process limit (TasksMax=, LimitNPROC=) or free memory"
         ) from exc
-    finally:
-        if os.getpid() == parent:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     if pid == 0:  # pragma: no cover - the child execs or reports through status_write
         _exec_child(worker, cwd, env_list, parent, status_write, batch, cover)
     os.close(status_write)
