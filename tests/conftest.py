@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -25,3 +26,14 @@ def framing_loop(request: pytest.FixtureRequest) -> Iterator[str]:
         if request.param == "python":
             patch.setattr(framing, "_parse_in_c", None)
         yield request.param
+
+
+@pytest.fixture
+def balancers() -> Iterator[list[Any]]:
+    """Balancers a test starts (test_service.Balancer): killed at the end if still running."""
+    started: list[Any] = []
+    yield started
+    for balancer in started:
+        if balancer.process.poll() is None:
+            balancer.process.kill()
+            balancer.process.wait()

@@ -84,10 +84,11 @@ EXCERPT_BYTES = 200  # how much of a peer's bad input an error carries for the l
 class FrameError(FeedError):
     """A data frame that is not a JSON array of objects: none of it was routed (split.py)."""
 
-    def __init__(self, reason: str, frame: bytes) -> None:
+    def __init__(self, reason: str, frame: bytes, kind: str = "invalid_json") -> None:
         excerpt = bytes(frame[:EXCERPT_BYTES])
         super().__init__(reason)
         self.reason = reason
+        self.kind = kind  # a label for the metrics: invalid_json, not_an_array, not_an_object
         self.excerpt = excerpt
         self.size = len(frame)
 
