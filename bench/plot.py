@@ -256,9 +256,11 @@ def draw_latency(canvas: Canvas, found: Sequence[Curve]) -> None:
     ticks = log_ticks(min(values), max(values))
     x = Scale(0.0, spread(QUANTILE_TOP), LEFT, RIGHT)
     y = Scale(ticks[0], ticks[-1], LATENCY_BOTTOM, LATENCY_TOP, log=True)
-    for value in ticks:
+    for value in ticks:  # over four decades, only the powers of ten are labelled
         canvas.line(LEFT, y(value), RIGHT, y(value), stroke=GRID)
-        canvas.text(LEFT - 6, y(value) + 4, f"{value:,g}", text_anchor="end")
+        if len(ticks) <= 13 or math.log10(value).is_integer():
+            label = f"{value:,.0f}" if value >= 1 else f"{value:g}"
+            canvas.text(LEFT - 6, y(value) + 4, label, text_anchor="end")
     for fraction, label in PERCENTILE_TICKS:
         at = x(spread(fraction))
         canvas.line(at, LATENCY_TOP, at, LATENCY_BOTTOM, stroke=GRID)
