@@ -115,8 +115,10 @@ def rate_text(rate: float) -> str:
 
 
 def millions(value: float) -> str:
-    """Trades/s to three digits: "3.82 M", "70.6 k"."""
-    return f"{value / 1e6:.3g} M" if value >= 1e6 else f"{value / 1e3:.3g} k"
+    """Trades/s to three digits, as the bench's table: "3.82 M", "2.40 M", "70.6 k"."""
+    scaled, unit = (value / 1e6, "M") if value >= 1e6 else (value / 1e3, "k")
+    decimals = max(0, 2 - math.floor(math.log10(scaled))) if scaled >= 0.001 else 3
+    return f"{scaled:.{decimals}f} {unit}"
 
 
 def curves(summary: Mapping[str, Any]) -> list[Curve]:

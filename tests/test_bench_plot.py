@@ -165,7 +165,14 @@ def test_the_bar_and_ceiling_figures_are_the_results() -> None:
     written = texts(draw(summary))
     for value in (3.82e6 / 1.04, 3.82e6 / 1.16, 3.82e6, 3.82e6 / 30, 18.7e6, 9.35e6):
         assert plot.millions(value) in written
-    assert plot.millions(3.82e6) == "3.82 M" and plot.millions(127_333) == "127 k"
+    assert [plot.millions(v) for v in (3.82e6, 2.4e6, 12.55e6, 127_333, 70_600, 950)] == [
+        "3.82 M",
+        "2.40 M",
+        "12.6 M",
+        "127 k",
+        "70.6 k",
+        "0.950 k",
+    ]
 
 
 def test_each_curve_is_the_measured_points_and_nothing_else() -> None:
