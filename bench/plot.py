@@ -122,7 +122,11 @@ def millions(value: float) -> str:
 
 
 def curves(summary: Mapping[str, Any]) -> list[Curve]:
-    """The latency curves of the result: the balancer's by pipe count and rate, then the floors."""
+    """The latency curves of the result: the balancer's by pipe count and rate, then the floors.
+
+    A log axis has no place for a latency of 0 or less (clocks of one machine should never give
+    one): such a point is left out, not moved.
+    """
     runs: list[tuple[str, int | None, float, Mapping[str, Any]]] = []
     for entry in summary.get("configurations", []):
         runs.extend(
