@@ -173,24 +173,28 @@ class Prometheus:
         assert status == 200 and body.get("status") == "success", f"{path} {params}: {body}"
         return body["data"]
 
-    def query(self, expression: str) -> list[dict[str, Any]]:
-        """An instant query's result: a list of {"metric": labels, "value": [time, "text"]}."""
-        data = self.api("/api/v1/query", {"query": expression})
+    def query(self, expression: str, at: float | None = None) -> list[dict[str, Any]]:
+        """An instant query's result (now, or at the Unix time ``at``): a list of
+        {"metric": labels, "value": [time, "text"]}."""
+        params = {"query": expression} | ({"time": repr(at)} if at is not None else {})
+        data = self.api("/api/v1/query", params)
         if data["resultType"] == "scalar":
             return [{"metric": {}, "value": data["result"]}]
         assert data["resultType"] == "vector", data
         return list(data["result"])
 
-    def values(self, expression: str) -> dict[tuple[tuple[str, str], ...], float]:
+    def values(
+        self, expression: str, at: float | None = None
+    ) -> dict[tuple[tuple[str, str], ...], float]:
         """An instant query's result as {sorted label pairs: value}."""
         return {
             tuple(sorted(item["metric"].items())): float(item["value"][1])
-            for item in self.query(expression)
+            for item in self.query(expression, at)
         }
 
-    def value(self, expression: str) -> float | None:
+    def value(self, expression: str, at: float | None = None) -> float | None:
         """The one value of an instant query, or None if it has no result."""
-        result = self.query(expression)
+        result = self.query(expression, at)
         assert len(result) <= 1, f"{expression}: more than one series: {result}"
         return float(result[0]["value"][1]) if result else None
 
