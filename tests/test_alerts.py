@@ -185,15 +185,17 @@ def test_rejecting_frames_fires_at_once_and_ends_five_minutes_after_the_last(
     name = "TradebalancerRejectingFrames"
     series = [
         {
-            "series": 'tradebalancer_frames_rejected_total{instance="a:9100",reason="json"}',
-            "values": "0 0 0 0 2 2 2 2 2 2 2 2 2 2 2 2 2 2 2 2 2 2 2 2 2 2 2 2 2 2 2 2 2 2 2",
+            "series": (
+                'tradebalancer_frames_rejected_total{instance="a:9100",reason="invalid_json"}'
+            ),
+            "values": "0 0 0 0 2x30",  # two frames rejected at 1 minute, none after
         }
     ]
     firing = expected(
         rules,
         name,
-        {"instance": "a:9100", "reason": "json"},
-        "a:9100: 2 frames rejected (json) in 5 minutes",
+        {"instance": "a:9100", "reason": "invalid_json"},
+        "a:9100: 2 frames rejected (invalid_json) in 5 minutes",
     )
     alerts = [
         {"eval_time": "45s", "alertname": name, "exp_alerts": []},
