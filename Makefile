@@ -6,9 +6,12 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Debian packages the build, the tests and the VM test need (installed once, only if missing).
+# prometheus: tests/test_prometheus.py runs its own server and promtool on a private port and
+# directory; the system service the package may start is never used.
 APT_PACKAGES := python3 python3-venv python3-dev gcc libcap-dev \
 	qemu-system-x86 qemu-utils debootstrap \
-	debhelper dpkg-dev fakeroot lintian openssl ca-certificates systemd e2fsprogs debian-archive-keyring
+	debhelper dpkg-dev fakeroot lintian openssl ca-certificates systemd e2fsprogs debian-archive-keyring \
+	prometheus
 
 .PHONY: all deps venv demo test check lint typecheck unit e2e bench deb reader-wheel clean
 

@@ -35,7 +35,7 @@ from .episode import Episode
 from .errors import FrameError
 from .histogram import DELAY_BOUNDS, LATENCY_BOUNDS, Histogram
 from .pipes import PipeSet
-from .reader.format import LIMIT
+from .reader.format import HEADER_SIZE, LIMIT
 from .routing import balance_warning, pipe_for
 from .split import Splitter, accelerated
 from .stats import Stats
@@ -111,7 +111,8 @@ class Forwarder:
         stats = self.stats
         stats.events += events
         stats.frames += len(messages)
-        stats.bytes += self.pipes.write_batch(out)
+        # The events' own bytes, as Stats.bytes and the metric say: not the pipe headers.
+        stats.bytes += self.pipes.write_batch(out) - HEADER_SIZE * events
         self.latency.observe(self.clock() - now)
         if self.pipes.backlog_bytes > self.config.backlog_limit and not self.paused:
             self._pause(now)
