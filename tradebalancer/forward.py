@@ -19,8 +19,9 @@ latency it adds.
 
 Each frame's delay behind the market (delay.py: the wall clock minus its last event's own
 timestamp) goes into a histogram, and each batch's time from the loop's wake-up to the pipe
-write into another (histogram.py): a bisect and two adds per frame, about 1% of the CPU a
-frame of the full feed costs.
+write into another (histogram.py): about 0.9 us a frame (a search from the frame's end, a
+bisect, two adds), 3.5 ns an event in the replay's frames of 250 events, about 1.5% of the
+balancer's CPU per event (measured on this kind of machine).
 """
 
 from __future__ import annotations
