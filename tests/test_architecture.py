@@ -22,7 +22,7 @@ LAYERS: list[list[str]] = [
     # leaves: no logic of the service (the C router is split.py's loop)
     [
         *("errors", "units", "routing", "spans", "backoff", "systemd", "episode", "_fastsplit"),
-        *("histogram", "delay"),
+        *("histogram", "delay", "address"),
     ],
     ["signals", "command", "stats", "handshake", "subscriptions", "transport.keys", "delivery"],
     ["transport.kernel"],
@@ -36,7 +36,6 @@ LAYERS: list[list[str]] = [
         "transport.stream",
         "replay.synth",
         "replay.options",
-        "listener",
     ],
     [
         "credentials",
@@ -49,7 +48,7 @@ LAYERS: list[list[str]] = [
     ],
     [
         *("workers", "connection", "forward", "status", "poller", "preflight"),
-        *("replay.connection", "metrics", "control"),
+        *("replay.connection", "metrics", "control", "listener"),
     ],
     # what wires the parts
     ["service", "replay.server", "statusview"],

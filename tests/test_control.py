@@ -6,6 +6,7 @@ workers, and the commands a user types; the metrics parsed with prometheus_clien
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import socket
@@ -27,8 +28,10 @@ from test_service import (
     delivered,
 )
 
+from tradebalancer import config
+from tradebalancer.address import Address, parse_address
 from tradebalancer.control import Endpoints, control_path
-from tradebalancer.listener import CLIENT_TIMEOUT, Address, open_listener, parse_address, text
+from tradebalancer.listener import CLIENT_TIMEOUT, MAX_BODY, open_listener, text
 from tradebalancer.poller import Poller
 from tradebalancer.replay import ReplayOptions, ReplayServer
 
@@ -235,3 +238,85 @@ def test_metrics_listener_serves_only_metrics(tmp_path: Path, balancers: list[Ba
     assert scrape(port)["tradebalancer_connection_state"][(("state", "reconnecting"),)] == 1
     assert balancer.stop() == 0
     assert "reload" not in balancer.log_text()
+
+
+def test_a_request_with_a_body_gets_its_answer(tmp_path: Path) -> None:
+    """POST with a body (curl -d): the body is read and dropped, the answer arrives whole
+    rather than a reset; a body over the limit gets 413."""
+    poller, path = Poller(), str(tmp_path / "c")
+    endpoints = Endpoints(poller)
+    endpoints._add(open_listener(Address("unix", path=path), lambda m, p: text(200, "ok\n"), "c"))
+    answers = []
+    for length, sent in ((100_000, 100_000), (MAX_BODY + 1, 10)):
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(path)
+            client.sendall(b"POST /reload HTTP/1.0\r\nContent-Length: %d\r\n\r\n" % length)
+            body = memoryview(b"x" * sent)
+            client.setblocking(False)
+            while body:
+                with contextlib.suppress(BlockingIOError):
+                    body = body[client.send(body) :]
+                for tag, _mask, _hangup in poller.select(0.01):
+                    endpoints.serve(tag, 0.0)  # type: ignore[arg-type]
+            client.setblocking(True)
+            serve_until(endpoints, poller, lambda c=client: select.select([c], [], [], 0)[0])
+            answers.append(client.recv(1000))
+        serve_until(endpoints, poller, lambda: not endpoints.clients)
+    endpoints.close()
+    poller.close()
+    assert answers[0].startswith(b"HTTP/1.0 200 OK") and answers[0].endswith(b"ok\n")
+    assert answers[1].startswith(b"HTTP/1.0 413")
+
+
+def test_a_live_socket_with_a_full_backlog_is_not_taken_and_does_not_hang(tmp_path: Path) -> None:
+    """Another process listening at the path, too busy to accept: refused at once."""
+    path = str(tmp_path / "c")
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(path)
+        server.listen(0)
+        held = []
+        for _ in range(3):
+            client = socket.socket(socket.AF_UNIX)
+            client.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                client.connect(path)
+            held.append(client)
+        started = time.monotonic()
+        with pytest.raises(OSError, match="another process answers"):
+            open_listener(Address("unix", path=path), lambda m, p: text(200, ""), "c")
+        assert time.monotonic() - started < 1
+        for client in held:
+            client.close()
+    assert os.path.exists(path)
+
+
+def test_a_stale_socket_file_is_replaced(tmp_path: Path) -> None:
+    """A socket file nobody listens on (a balancer that died) is replaced, made 0600."""
+    path = str(tmp_path / "c")
+    with socket.socket(socket.AF_UNIX) as gone:
+        gone.bind(path)
+    listener = open_listener(Address("unix", path=path), lambda m, p: text(200, ""), "c")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    listener.close()
+
+
+def test_the_automatic_directory_is_private_and_ours(tmp_path: Path) -> None:
+    """The automatic socket's directory is made 0700; one left open is closed down; one of
+    another user is refused (the socket could be swapped under `status`)."""
+    poller = Poller()
+    feed = config.loads('[feeds.f]\nurl = "ws://127.0.0.1:9/"\ncommand = ["w"]\n').feed("f")
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o777)
+    runtime.chmod(0o777)
+    endpoints = Endpoints(poller)
+    endpoints.open(
+        feed, {"RUNTIME_DIRECTORY": str(runtime)}, reload=lambda: (True, ""), snapshot=dict
+    )
+    assert stat.S_IMODE(runtime.stat().st_mode) == 0o700
+    assert stat.S_IMODE((runtime / "control").stat().st_mode) == 0o600
+    endpoints.close()
+    os.chown(runtime, 4242, 4242)
+    others = Endpoints(poller)
+    others.open(feed, {"RUNTIME_DIRECTORY": str(runtime)}, reload=lambda: (True, ""), snapshot=dict)
+    assert others.listeners == []
+    poller.close()

@@ -82,3 +82,24 @@ def test_quantiles_interpolate_within_buckets_between_two_readings() -> None:
     assert quantile(DELAY_BOUNDS, before, after, 1.0) == 300.0  # +Inf: the highest bound
     assert quantile(DELAY_BOUNDS, after, after, 0.5) is None
     assert histogram.count == 1100 and histogram.counts[-1] == 1
+
+
+def test_turning_the_warning_off_ends_the_episode() -> None:
+    """delay_warning = 0 by a reload while behind: the flag (and its gauge) goes back to 0."""
+    watch = DelayWatch(logging.getLogger("test.delay"), threshold=1.0, after=2.0)
+    for now in range(5):
+        watch.sample(9.0, float(now))
+    assert watch.behind
+    watch.threshold = 0.0  # what Forwarder.reconfigure does
+    watch.sample(9.0, 6.0)
+    assert not watch.behind
+
+
+@pytest.mark.parametrize(
+    ("t", "seconds"),
+    [(b"1733486400", 1733486400.0), (b"12345", None), (b"-1733486400000", None), (b"1e12", None)],
+)
+def test_seconds_are_seconds_and_small_numbers_no_time(t: bytes, seconds: float | None) -> None:
+    """Ten digits are seconds since the epoch; what cannot be a time of ours is none."""
+    found = event_time(b'[{"ev":"T","t":' + t + b"}]")
+    assert found == seconds

@@ -4,6 +4,7 @@ instance reloaded by SIGHUP and by ``tradebalancer reload`` against a real repla
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import signal
 import subprocess
@@ -26,7 +27,10 @@ from tradebalancer import config
 from tradebalancer.feed import Phase
 from tradebalancer.reload import compare
 from tradebalancer.replay import ReplayOptions, ReplayServer
+from tradebalancer.service import Service
+from tradebalancer.status import StatusReporter
 from tradebalancer.subscriptions import Subscriptions
+from tradebalancer.systemd import Notifier
 
 BASE = """
 [feeds.x]
@@ -106,11 +110,12 @@ def test_subscriptions_change_keeps_what_stays_and_awaits_what_is_new() -> None:
     subs.confirm("subscribed to: T.*")
     subs.refuse("not allowed: A.*")
     added, removed = subs.change(["t.*", "Q.MSFT"])  # T.* kept, whatever its case
-    assert (added, removed) == (["Q.MSFT"], ["Q.AAPL", "A.*"])
+    assert (added, removed) == (["Q.MSFT"], ["Q.AAPL"])  # A.* was refused: nothing to undo
     assert subs.confirmed == ["T.*"] and subs.pending == ["Q.MSFT"] and not subs.refused
     assert subs.params == "T.*,Q.MSFT"
-    assert subs.unsubscribed("unsubscribed to: A.*, Q.AAPL") == ["Q.AAPL", "A.*"]
-    assert subs.unsubscribed("unsubscribed to: A.*") == []
+    assert subs.leaving == ["Q.AAPL"]
+    assert subs.unsubscribed("unsubscribed to: A.*, Q.AAPL") == ["Q.AAPL"]
+    assert subs.unsubscribed("unsubscribed to: Q.AAPL") == [] and not subs.leaving
 
 
 def test_a_streaming_feed_subscribes_the_new_then_unsubscribes_the_old() -> None:
@@ -229,3 +234,82 @@ def test_reload_changes_subscriptions_on_the_live_connection_and_refuses_the_res
     assert "SIGHUP received: reloading" in log
     assert "reloaded: feeds.feed.subscribe [T.*, Q.AAPL] -> [T.*, Q.MSFT]" in log
     assert len(re.findall(r"reload refused", log)) == 2
+
+
+def test_a_channel_taken_back_before_its_confirmation_is_not_awaited(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Streaming: a channel added, then removed before the feed confirmed it, leaves no
+    deadline behind (no warning about a confirmation of nothing)."""
+    feed = new_feed()
+    handshake(feed, ["T.*", "Q.AAPL"])
+    feed.resubscribe(["T.*", "Q.AAPL", "XQ.*"], now=1.0)
+    feed.resubscribe(["T.*", "Q.AAPL"], now=2.0)
+    with caplog.at_level(logging.WARNING):
+        feed.tick(30.0)
+    assert feed.phase is Phase.STREAMING and feed.next_deadline() != 12.0
+    assert not [r for r in caplog.records if "no confirmation" in r.getMessage()]
+
+
+def test_a_refused_channel_removed_is_not_unsubscribed() -> None:
+    """The feed never subscribed a refused channel: removing it sends nothing."""
+    feed = new_feed()
+    peer = handshake(feed, ["T.*"])  # Q.AAPL stays unanswered, then is refused
+    peer.send(b'[{"ev":"status","status":"error","message":"not authorized: Q.AAPL"}]')
+    sent = len(peer.received)
+    assert feed.resubscribe(["T.*"], now=1.0) == ([], [])
+    peer.pump(1.0)
+    assert peer.received[sent:] == []
+
+
+def test_a_change_of_case_alone_is_sent_at_the_next_connection() -> None:
+    """T.aapl -> T.AAPL on a live connection sends nothing (the feed matches without case);
+    before the subscription the new spelling goes out."""
+    feed = new_feed()
+    handshake(feed, ["T.*", "Q.AAPL"])
+    assert feed.resubscribe(["T.*", "q.aapl"], now=1.0) == ([], [])
+    early = new_feed()
+    peer = Peer(early)
+    peer.send(CONNECTED)
+    assert early.resubscribe(["t.*"], now=0.5) is None
+    peer.send(AUTH_OK)
+    assert orjson.loads(peer.received[-1]) == {"action": "subscribe", "params": "t.*"}
+
+
+class RecordingNotifier(Notifier):
+    """A notifier that keeps the first line of each message instead of sending it."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.sent: list[str] = []
+
+    def _send(self, message: str) -> None:
+        self.sent.append(message.split("\n")[0])
+
+
+def service_for(tmp_path: Path, interval: int) -> tuple[Service, Path, RecordingNotifier]:
+    path = tmp_path / "tb.toml"
+    path.write_text(BASE.replace("[feeds.x]", f"[feeds.x]\nstats_interval = {interval}"))
+    notifier = RecordingNotifier()
+    feed = config.load(str(path)).feed("x")
+    service = Service(feed, "k", notifier=notifier, config_path=str(path), environ={})
+    service.status = StatusReporter(notifier, service.stats, float(interval), 0.0)
+    return service, path, notifier
+
+
+def test_a_reload_before_ready_tells_systemd_nothing(tmp_path: Path) -> None:
+    """READY=1 still means "started": a reload before it sends no RELOADING=1 or READY=1."""
+    service, _, notifier = service_for(tmp_path, 5)
+    assert service.reload(0.5)[0]
+    assert notifier.sent == []
+    service.status.tick(30.0, lambda now: None)  # type: ignore[union-attr]
+    service.reload(31.0)
+    assert notifier.sent[-2:] == ["RELOADING=1", "READY=1"]
+
+
+def test_a_shorter_stats_interval_applies_from_the_reload(tmp_path: Path) -> None:
+    """stats_interval 3600 -> 5 by reload: the next stats line is due within 5 s."""
+    service, path, _ = service_for(tmp_path, 3600)
+    path.write_text(path.read_text().replace("3600", "5"))
+    assert service.reload(1.0) == (True, "reloaded: feeds.x.stats_interval 3600.0 -> 5.0")
+    assert service.status is not None and service.status.deadline() <= 6.0

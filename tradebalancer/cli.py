@@ -253,7 +253,9 @@ def ask(args: argparse.Namespace) -> int:
     if args.command == "reload":
         status, body = statusview.ask(path, "POST", "/reload", args.name)
         (sys.stdout if status == 200 else sys.stderr).write(body.decode(errors="replace"))
-        return int(ExitCode.OK if status == 200 else ExitCode.CONFIG)
+        # 409: refused, the running configuration stays; anything else: not answered as asked
+        codes = {200: ExitCode.OK, 409: ExitCode.CONFIG}
+        return int(codes.get(status, ExitCode.UNAVAILABLE))
     if args.json:
         sys.stdout.write(orjson.dumps(statusview.fetch(path, args.name)).decode() + "\n")
         return int(ExitCode.OK)
@@ -261,11 +263,18 @@ def ask(args: argparse.Namespace) -> int:
 
 
 def _control_socket(path: str, name: str) -> str:
-    """Where instance ``name`` listens: its control_socket key if the file sets one."""
-    setting = "auto"  # an invalid file must not hide a running instance: the usual place
+    """Where instance ``name`` listens: where the file says, or else where the service's own
+    socket is, /run/tradebalancer/NAME/control (the file may be newer than the instance, or
+    invalid; and a user who is not root is told to use sudo rather than "not running")."""
+    setting = "auto"
     with contextlib.suppress(ConfigError):
         setting = config.load(path).feed(name).control_socket
     found = control.control_path(name, setting, os.environ)
+    service = control.control_path(
+        name, "auto", {"RUNTIME_DIRECTORY": f"/run/tradebalancer/{name}"}
+    )
+    if found is None or (not os.path.exists(found) and service and os.path.lexists(service)):
+        found = service
     if found is None:
         raise ConfigError(f"feeds.{name}.control_socket", '"off": this instance has none')
     return found

@@ -32,9 +32,9 @@ from types import MappingProxyType
 from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
+from .address import Address, parse_address
 from .command import CommandTemplate, compile_command
 from .errors import ConfigError
-from .listener import Address, parse_address
 from .routing import DEFAULT_ROUTE_KEYS
 
 DEFAULT_PATH = Path("/etc/tradebalancer.toml")

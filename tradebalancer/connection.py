@@ -185,14 +185,12 @@ class FeedConnection:
         if self.feed is not None:
             self.feed.pause(paused)
 
-    def resubscribe(self, config: FeedConfig, now: float) -> tuple[list[str], list[str]]:
-        """Take a reloaded ``config``'s subscriptions on this connection; (added, removed).
-
-        While the connection still opens, the feed will subscribe to the new list itself.
-        """
+    def resubscribe(self, config: FeedConfig, now: float) -> tuple[list[str], list[str]] | None:
+        """Take a reloaded ``config``'s subscriptions on this connection: (added, removed) as
+        sent to the feed, or None if the new list is to be sent whole (or never: it is over)."""
         self.config = config
         if self.feed is None:
-            return [], []
+            return None
         changed = self.feed.resubscribe(config.subscribe, now)
         self.send_pending()
         return changed

@@ -17,15 +17,18 @@ the service's user and root may ask for its status or a reload.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 from collections.abc import Callable, Mapping
 
 import orjson
 
 from . import metrics
+from .address import Address
 from .config import FeedConfig, expand_variables
-from .listener import Address, Client, Listener, Response, open_listener, text
+from .listener import Client, Listener, Response, open_listener, text
 from .poller import Poller
 
 __all__ = ["Endpoints", "control_path"]
@@ -45,6 +48,18 @@ def control_path(name: str, setting: str, environ: Mapping[str, str]) -> str | N
         return f"/run/tradebalancer/{name}/control"
     base = environ.get("XDG_RUNTIME_DIR") or f"/tmp/tradebalancer-{os.geteuid()}"
     return os.path.join(base, "tradebalancer", name, "control")
+
+
+def _private_directory(path: str) -> None:
+    """Make the automatic socket's directory, or check one that exists: a directory (not a
+    link), ours, and 0700 (made so if it is ours); OSError saying what is wrong otherwise.
+    Another user who made it first could otherwise swap the socket under status and reload."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        raise OSError(errno.EPERM, f"{path} is not a directory of this user (uid {os.geteuid()})")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        os.chmod(path, 0o700)
 
 
 class Endpoints:
@@ -84,12 +99,19 @@ class Endpoints:
                 return text(200 if ok else 409, message + "\n")
             if (method, path) == ("GET", "/status"):
                 return Response(200, "application/json", orjson.dumps(snapshot()))
-            return answer_metrics(method, path)
+            if path == "/metrics":
+                return answer_metrics(method, path)
+            return text(
+                404, "this control socket answers GET /status, POST /reload, GET /metrics\n"
+            )
 
         path = control_path(config.name, config.control_socket, environ)
         if path is not None:
             try:
-                os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+                if config.control_socket == "auto":
+                    _private_directory(os.path.dirname(path))
+                else:  # the administrator's choice: made if missing, else left as it is
+                    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
                 self._add(open_listener(Address("unix", path=path), answer_control, "control"))
             except OSError as exc:
                 logger.warning(

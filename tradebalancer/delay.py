@@ -20,29 +20,43 @@ No I/O but the logger it is given, no clock: ``now`` and the wall-clock time com
 from __future__ import annotations
 
 import logging
-import re
 
 __all__ = ["DelayWatch", "event_time"]
 
 _T = b'"t":'
-_DIGITS = re.compile(rb"\s*(\d{10,19})")
 _TAIL = 512  # bytes from the end where the last event's "t" is looked for
+_NUMBER = 24  # bytes after "t": where the number ends (19 digits and some space at most)
 
 
 def event_time(message: bytes) -> float | None:
     """The ``t`` of ``message``'s last event, in seconds since the epoch; None if it has none."""
-    at = message.rfind(_T, max(0, len(message) - _TAIL))
+    # Bounded searches and int() (which takes the spaces JSON allows around a number) rather
+    # than a regular expression: this runs once per frame, and measured no slower.
+    at = message.rfind(_T, len(message) - _TAIL if len(message) > _TAIL else 0)
     if at < 0:
         return None
-    match = _DIGITS.match(message, at + len(_T))
-    if match is None:
-        return None
-    value = int(match[1])
+    start = at + len(_T)
+    value = _integer(message, start, message.find(b",", start, start + _NUMBER))
+    if value is None:  # "t" ends its event, or is no integer
+        value = _integer(message, start, message.find(b"}", start, start + _NUMBER))
+        if value is None:
+            return None
     if value >= 10**17:  # nanoseconds
         return value / 1e9
     if value >= 10**14:  # microseconds
         return value / 1e6
-    return value / 1e3
+    if value >= 10**11:  # milliseconds, what Massive's stock feeds send
+        return value / 1e3
+    return value if value >= 10**9 else None  # seconds; anything smaller is no time of ours
+
+
+def _integer(message: bytes, start: int, end: int) -> int | None:
+    if end < 0:
+        return None
+    try:
+        return int(message[start:end])
+    except ValueError:
+        return None
 
 
 class DelayWatch:
@@ -59,9 +73,7 @@ class DelayWatch:
 
     def sample(self, delay: float, now: float) -> None:
         """Take one sample of the delay (seconds) at loop time ``now``."""
-        if not self.threshold:
-            return
-        if delay <= self.threshold:
+        if not self.threshold or delay <= self.threshold:  # 0: off, and off ends an episode
             if self.behind:
                 self.behind = False
                 self.logger.info(

@@ -13,6 +13,7 @@ command line can tell "our" failures (a message for the user) from bugs (a trace
      |    +-- KernelTLSUnavailable  tls = "kernel" but the kernel can't take it   -> exit 69
      +-- KeyIsolationUnavailable  key_isolation = "required", no namespaces here -> exit 69
      +-- WorkerError        pipes and worker processes                            -> exit 71
+     +-- ControlError       status, reload: the instance cannot be asked          -> exit 69
 
 The worker library (tradebalancer.reader) has a tree of its own, ReaderError and its
 ProtocolError: it imports nothing from the daemon, this module included.
@@ -122,6 +123,13 @@ class KernelTLSUnavailable(TransportError):
 
 class KeyIsolationUnavailable(TradeBalancerError):
     """key_isolation = "required" and this kernel gives the workers no namespace of their own."""
+
+    exit_code = ExitCode.UNAVAILABLE
+
+
+class ControlError(TradeBalancerError):
+    """``status`` or ``reload`` could not ask the instance: not running, not ours to ask, or an
+    answer this version cannot read."""
 
     exit_code = ExitCode.UNAVAILABLE
 

@@ -157,17 +157,18 @@ class Feed:
         if isinstance(parsed, dict):
             self._handle_status(parsed, now)
 
-    def resubscribe(self, channels: Sequence[str], now: float) -> tuple[list[str], list[str]]:
-        """Change the subscriptions to ``channels``; return (added, removed).
-
-        Nothing is sent before the handshake reached the subscription, nor once it is over.
-        """
+    def resubscribe(
+        self, channels: Sequence[str], now: float
+    ) -> tuple[list[str], list[str]] | None:
+        """Change the subscriptions to ``channels``; return (added, removed) as sent, or None
+        when nothing is sent: before the handshake reaches the subscription (which will carry
+        the new list whole), and once the conversation is over."""
         if self.phase is Phase.CLOSED:
-            return [], []
-        added, removed = self.subscriptions.change(channels)
+            return None
         if self.phase in (Phase.UPGRADING, Phase.CONNECTING, Phase.AUTHENTICATING):
-            self.subscriptions = Subscriptions(self.subscriptions.channels)  # sent as a whole
-            return added, removed
+            self.subscriptions = Subscriptions(channels)
+            return None
+        added, removed = self.subscriptions.change(channels)
         if added:
             logger.info("subscribing to %s", ",".join(added))
             self._send_text(orjson.dumps({"action": "subscribe", "params": ",".join(added)}))
@@ -175,9 +176,9 @@ class Feed:
         if removed:
             logger.info("unsubscribing from %s", ",".join(removed))
             self._send_text(orjson.dumps({"action": "unsubscribe", "params": ",".join(removed)}))
-        if self.phase is Phase.SUBSCRIBING and self.subscriptions.settled:
+        if self.subscriptions.settled:
             self._deadline = None  # the channels still awaited were all removed
-            if self.subscriptions.confirmed:
+            if self.phase is Phase.SUBSCRIBING and self.subscriptions.confirmed:
                 self._start_streaming(now)
         return added, removed
 

@@ -26,63 +26,20 @@ import socket
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
-__all__ = [
-    "Address",
-    "Client",
-    "Handler",
-    "Listener",
-    "Response",
-    "open_listener",
-    "parse_address",
-    "text",
-]
+from .address import Address
+
+__all__ = ["Client", "Handler", "Listener", "Response", "open_listener", "text"]
 
 logger = logging.getLogger(__name__)
 
 MAX_CLIENTS = 32
 CLIENT_TIMEOUT = 5.0
 MAX_REQUEST = 8192  # bytes of request line and headers
+MAX_BODY = 1 << 20  # a body is read and dropped (none is used), up to this
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
-_REASONS |= {409: "Conflict", 500: "Internal Server Error", 503: "Service Unavailable"}
-
-
-@dataclass(frozen=True)
-class Address:
-    """Where a listener listens: ``host:port`` over TCP, or a unix socket's path."""
-
-    kind: Literal["tcp", "unix"]
-    host: str = ""
-    port: int = 0
-    path: str = ""
-
-    def __str__(self) -> str:
-        if self.kind == "unix":
-            return f"unix:{self.path}"
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-def parse_address(text: str) -> Address:
-    """``127.0.0.1:9464``, ``[::1]:9464``, ``0.0.0.0:9464`` or ``unix:/run/x.sock``; ValueError
-    saying what is expected otherwise."""
-    expected = (
-        'expected "HOST:PORT" (like "127.0.0.1:9464" or "[::1]:9464") or "unix:/absolute/path"'
-    )
-    if text.startswith("unix:"):
-        path = text.removeprefix("unix:")
-        if not path.startswith("/"):
-            raise ValueError(f"{expected}, got {text!r} (the socket path must be absolute)")
-        return Address("unix", path=path)
-    host, colon, port = text.rpartition(":")
-    if not colon or not port.isdigit() or not host:
-        raise ValueError(f"{expected}, got {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if int(port) > 65535:
-        raise ValueError(f"{expected}, got {text!r} (the port must be 0 to 65535)")
-    return Address("tcp", host=host, port=int(port))
+_REASONS |= {409: "Conflict", 413: "Content Too Large", 500: "Internal Server Error"}
 
 
 @dataclass(frozen=True)
@@ -120,6 +77,7 @@ class Client:
         self.deadline = now + CLIENT_TIMEOUT
         self._request = bytearray()
         self._answer: memoryview | None = None
+        self._body_left = 0  # bytes of the request's body still to read (and drop)
         self.done = False
 
     def fileno(self) -> int:
@@ -150,25 +108,39 @@ class Client:
         if not data:
             self.done = True
             return
+        if self._body_left:  # a body nothing here uses, read so that closing resets nothing
+            self._body_left = max(0, self._body_left - len(data))
+            if not self._body_left:
+                self._answer = memoryview(self._respond().encode())
+            return
         self._request += data
         end = self._request.find(b"\r\n\r\n")
         if end < 0:
             if len(self._request) >= MAX_REQUEST:
                 self._answer = memoryview(text(400, "request too large\n").encode())
             return
-        line = bytes(self._request[: self._request.find(b"\r\n")]).decode("latin-1")
+        head = bytes(self._request[:end]).decode("latin-1")
+        length = _content_length(head)
+        if length is None or length > MAX_BODY:
+            status, why = (400, "bad Content-Length") if length is None else (413, "body too large")
+            self._answer = memoryview(text(status, why + "\n").encode())
+            return
+        received = len(self._request) - (end + 4)  # of the body, with the head
+        del self._request[end:]
+        self._body_left = max(0, length - received)
+        if not self._body_left:
+            self._answer = memoryview(self._respond().encode())
+
+    def _respond(self) -> Response:
+        line = bytes(self._request).decode("latin-1").split("\r\n", 1)[0]
         parts = line.split(" ")
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            response = text(400, "not an HTTP/1.x request\n")
-        else:
-            try:
-                response = self.listener.handler(parts[0], parts[1].split("?", 1)[0])
-            except Exception:
-                logger.exception(
-                    "answering %s %s failed (this is a bug, please report it)", *parts[:2]
-                )
-                response = text(500, "internal error: see the journal\n")
-        self._answer = memoryview(response.encode())
+            return text(400, "not an HTTP/1.x request\n")
+        try:
+            return self.listener.handler(parts[0], parts[1].split("?", 1)[0])
+        except Exception:
+            logger.exception("answering %s %s failed (this is a bug, please report it)", *parts[:2])
+            return text(500, "internal error: see the journal\n")
 
     def close(self) -> None:
         """Close the connection."""
@@ -226,8 +198,13 @@ def open_listener(address: Address, handler: Handler, name: str, *, mode: int = 
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             _remove_stale(address.path)
-            sock.bind(address.path)
-            os.chmod(address.path, mode)
+            # Made with its mode (the loop is the only thread: the umask is briefly ours),
+            # never chmod-ed after the bind, which a symlink raced in could redirect.
+            umask = os.umask(0o777 & ~mode)
+            try:
+                sock.bind(address.path)
+            finally:
+                os.umask(umask)
         except OSError:
             sock.close()
             raise
@@ -247,6 +224,16 @@ def open_listener(address: Address, handler: Handler, name: str, *, mode: int = 
     return Listener(sock, address, handler, name)
 
 
+def _content_length(head: str) -> int | None:
+    """The request's Content-Length (0 if none); None if it is not a number."""
+    for line in head.split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().casefold() == "content-length":
+            value = value.strip()
+            return int(value) if value.isdigit() else None
+    return 0
+
+
 def _remove_stale(path: str) -> None:
     try:
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
@@ -254,9 +241,12 @@ def _remove_stale(path: str) -> None:
     except FileNotFoundError:
         return
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    probe.setblocking(False)  # a live listener with a full backlog must not hang the start
     try:
         probe.connect(path)
-    except OSError:
+    except BlockingIOError:
+        pass  # alive, and busy
+    except ConnectionRefusedError:
         os.unlink(path)  # nobody answers: a balancer that is gone left it
         return
     finally:

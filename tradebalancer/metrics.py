@@ -133,21 +133,24 @@ def _counters(s: Snapshot) -> Iterator[Metric]:
         ("events_forwarded", "Events written or queued to a pipe.", "events"),
         ("forwarded_bytes", "Bytes of the events forwarded, without pipe headers.", "bytes"),
         ("backpressure_seconds", "Time reading the feed was paused for the workers.", "paused"),
+        (
+            "frames_ahead_of_clock",
+            "Frames stamped later than this host's clock (counted as no delay): clock skew.",
+            "ahead",
+        ),
     )
     for name, documentation, key in plain:
         counter = CounterMetricFamily(f"tradebalancer_{name}", documentation)
         counter.add_metric([], s[key])
         yield counter
     labelled = (
-        ("frames_rejected", "Frames dropped as not a JSON array of objects.", "rejected"),
-        ("events_not_forwarded", "Events never written: too long, by reason.", "not_forwarded"),
-        ("reconnects", "Connections to the feed that ended, by reason.", "reconnects"),
-        ("reloads", "Reloads of the configuration, by result.", "reloads"),
+        ("frames_rejected", "Frames dropped as not a JSON array of objects.", "rejected", "reason"),
+        ("events_not_forwarded", "Events never written, by reason.", "not_forwarded", "reason"),
+        ("reconnects", "Connections to the feed that ended, by reason.", "reconnects", "reason"),
+        ("reloads", "Reloads of the configuration, by result.", "reloads", "result"),
     )
-    for name, documentation, key in labelled:
-        counter = CounterMetricFamily(f"tradebalancer_{name}", documentation, labels=["reason"])
-        if name == "reloads":
-            counter = CounterMetricFamily(f"tradebalancer_{name}", documentation, labels=["result"])
+    for name, documentation, key, label_name in labelled:
+        counter = CounterMetricFamily(f"tradebalancer_{name}", documentation, labels=[label_name])
         for label, value in sorted(s[key].items()):
             counter.add_metric([label], value)
         yield counter
@@ -222,6 +225,7 @@ def gather(
 ) -> Snapshot:
     """The instance's numbers now, as one JSON-able dict (the layout ``SCHEMA`` names)."""
     snapshot: Snapshot = process_facts() | {
+        "ahead": 0,
         "feed": config.name,
         "url": config.url,
         "state": stats.state,
@@ -250,6 +254,7 @@ def gather(
         rejected = dict(forwarder.rejected_kinds)
         not_forwarded["too_long"] = splitter.refused_events
         paused, behind = forwarder.paused_seconds(now), forwarder.delay_watch.behind
+        snapshot["ahead"] = forwarder.ahead_frames
         delay, latency = forwarder.delay, forwarder.latency
     owners = forwarder.pipe_owners if forwarder is not None else {}
     snapshot |= {

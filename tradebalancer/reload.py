@@ -45,6 +45,11 @@ class Change:
         """Nothing differs."""
         return not self.live and not self.restart
 
+    @property
+    def subscribes(self) -> bool:
+        """The subscriptions changed."""
+        return f"feeds.{self.feed}.subscribe" in self.live
+
     def refusal(self) -> str:
         """One line naming each key that needs a restart, for the log and ``reload``."""
         keys = "; ".join(

@@ -300,13 +300,17 @@ class Service:
     def reload(self, now: float) -> tuple[bool, str]:
         """Read the configuration file again and apply it (reload.py), or nothing; say which.
 
-        The service manager hears RELOADING=1 first and READY=1 after, whatever the result.
+        The service manager hears RELOADING=1 first and READY=1 after, whatever the result;
+        before the start's own READY=1 it hears nothing (READY then still means "started").
         """
-        self.notifier.reloading(time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
+        ready = self.status is not None and self.status.ready
+        if ready:
+            self.notifier.reloading(time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
         try:
             result, message = self._reload(now)
         finally:
-            self.notifier.ready(self.stats.status_line(self.stats.rates(now)))
+            if ready:
+                self.notifier.ready(self.stats.status_line(self.stats.rates(now)))
         self.stats.count(self.stats.reloads, result)
         ok = result == "applied"
         (logger.info if ok else logger.error)("%s", message)
@@ -327,10 +331,13 @@ class Service:
         if self.forwarder is not None:
             self.forwarder.reconfigure(self.config)
         if self.status is not None:
-            self.status.interval = self.config.stats_interval
+            self.status.retime(self.config.stats_interval, now)
+        summary = change.summary()
         if self.connection is not None:
-            self.connection.resubscribe(self.config, now)
-        return "applied", change.summary()
+            sent = self.connection.resubscribe(self.config, now)
+            if change.subscribes and sent == ([], []):
+                summary += " (a change of case only: sent at the next connection)"
+        return "applied", summary
 
     def snapshot(self, now: float) -> metrics.Snapshot:
         """The instance's numbers now (metrics.py), for the status view and the metrics."""

@@ -18,20 +18,14 @@ from typing import Any, TextIO
 
 import orjson
 
-from .errors import ExitCode, TradeBalancerError
+from .errors import ControlError, ExitCode
 from .histogram import quantile
 from .metrics import SCHEMA, Snapshot
 from .units import format_size
 
-__all__ = ["ControlError", "ask", "render", "watch"]
+__all__ = ["ask", "fetch", "render", "watch"]
 
 TIMEOUT = 10.0
-
-
-class ControlError(TradeBalancerError):
-    """The instance could not be asked: not running, not ours to ask, or a bad answer."""
-
-    exit_code = ExitCode.UNAVAILABLE
 
 
 def ask(path: str, method: str, target: str, name: str) -> tuple[int, bytes]:
@@ -139,6 +133,9 @@ def watch(
         while True:
             sleep(interval)
             after, now = fetch(path, name), clock()
+            if after["pid"] != before["pid"]:  # restarted meanwhile: counting starts over
+                before, at = after, now
+                continue
             view = render(before, after, now - at)
             out.write(("\x1b[H\x1b[2J" if repeat and out.isatty() else "") + view)
             out.flush()

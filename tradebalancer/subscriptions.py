@@ -47,19 +47,26 @@ class Subscriptions:
         return len(self.refused) == len(self.channels)
 
     def change(self, channels: Sequence[str]) -> tuple[list[str], list[str]]:
-        """Take the channels a reload asks for; return (added, removed), compared by case-folded
-        name. The added ones are pending, the removed ones forgotten (and leaving)."""
+        """Take the channels a reload asks for; return (added, removed): the added are pending,
+        the removed forgotten and, unless the feed had refused them, leaving (to unsubscribe).
+
+        Compared by case-folded name, as the feed's answers are: a change of case alone is no
+        change on this connection (sending it would unsubscribe what it subscribes).
+        """
         wanted = {channel.casefold(): channel for channel in channels}
         added = [channel for key, channel in wanted.items() if key not in self._by_key]
-        removed = [channel for key, channel in self._by_key.items() if key not in wanted]
-        for channel in removed:
+        gone = [channel for key, channel in self._by_key.items() if key not in wanted]
+        removed = [channel for channel in gone if channel not in self.refused]
+        for channel in gone:
             for held in (self.pending, self.confirmed):
                 if channel in held:
                     held.remove(channel)
             self.refused.pop(channel, None)
-            self.leaving.append(channel)
+        self.leaving += removed
+        removed_keys = {channel.casefold() for channel in gone}
         self.pending += added
-        self.channels = tuple(c for c in self.channels if c not in removed) + tuple(added)
+        kept = tuple(c for c in self.channels if c.casefold() not in removed_keys)
+        self.channels = kept + tuple(added)
         self._by_key = {channel.casefold(): channel for channel in self.channels}
         return added, removed
 
