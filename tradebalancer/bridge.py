@@ -58,6 +58,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
+from .keyguard import seal
 from .reader import MessageParser, fds_from_environment
 from .reader.format import header
 
@@ -395,6 +396,9 @@ def parse_options(argv: Sequence[str]) -> BridgeOptions:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the bridge; the exit code: 0 when every pipe closed and all was stored."""
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    # Started without the key cover (plan.py: it reads the NATS credentials): keep the
+    # workers, the same user's processes, out of its memory as the balancer keeps them.
+    seal()
     options = parse_options(sys.argv[1:] if argv is None else argv)
     try:
         bridge = Bridge(options, fds_from_environment(), secrets.token_hex(6))

@@ -118,6 +118,7 @@ class JetStreamSource:
         self.stopped = False
         self._connection: Any = None
         self._subscription: Any = None
+        self._errors: Any = None  # nats.errors, once opened
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- the asyncio API ---------------------------------------------------------------------
@@ -133,6 +134,7 @@ class JetStreamSource:
             raise ReaderError(
                 "JetStreamSource needs nats-py: pip install 'tradebalancer-reader[jetstream]'"
             ) from exc
+        self._errors = nats.errors
         where = ",".join(self.servers)
         try:
             self._connection = await nats.connect(
@@ -245,9 +247,8 @@ class JetStreamSource:
     ) -> AsyncIterator[tuple[int, int, list[bytes], int]]:
         """Each JetStream message as (partition, stream sequence, events, events to skip); the
         message is acknowledged, and the cursor set past it, when the next one is asked for."""
-        import nats.errors
-
-        if self._subscription is None:
+        errors = self._errors
+        if self._subscription is None or errors is None:
             raise ReaderError("the source is not open: use it in a with block")
         loop = asyncio.get_running_loop()
         idle_since = loop.time()
@@ -255,12 +256,12 @@ class JetStreamSource:
         while not self.stopped:
             try:
                 fetched = await self._subscription.fetch(1, timeout=wait)
-            except nats.errors.TimeoutError:
+            except errors.TimeoutError:
                 if timeout is not None and loop.time() - idle_since >= timeout:
                     idle_since = loop.time()
                     yield -1, 0, [], 0
                 continue
-            except nats.errors.Error as exc:
+            except errors.Error as exc:
                 logger.warning("fetch from %s failed (%s); retrying", self.stream, exc)
                 await asyncio.sleep(0.25)
                 continue
