@@ -59,8 +59,9 @@ from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
 from .keyguard import seal
-from .reader import MessageParser, fds_from_environment
+from .reader import MessageParser, ReaderError, fds_from_environment
 from .reader.format import header
+from .reader.jetstream import connect_options
 
 logger = logging.getLogger("tradebalancer.bridge")
 
@@ -126,12 +127,16 @@ async def open_connection(options: BridgeOptions) -> Client:
     async def on_reconnected() -> None:
         logger.info("reconnected to JetStream")
 
+    try:
+        credentials = connect_options(options.credentials)
+    except ReaderError as exc:
+        raise BridgeError(str(exc)) from exc
     delay = 0.1
     while True:
         try:
             return await nats.connect(
                 list(options.servers),
-                user_credentials=options.credentials,
+                **credentials,
                 name="tradebalancer-bridge",
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.25,

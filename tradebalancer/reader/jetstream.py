@@ -53,11 +53,40 @@ from typing import Any
 
 from .framing import MessageParser, ReaderError
 
-__all__ = ["Cursor", "JetStreamSource"]
+__all__ = ["Cursor", "JetStreamSource", "connect_options"]
 
 logger = logging.getLogger(__name__)
 
 _CURSOR = struct.Struct("<QQ")  # the message's stream sequence, the events handed over
+
+
+def connect_options(path: str | None) -> dict[str, str]:
+    """The nats.connect() arguments a credentials file gives; the bridge reads it the same way.
+
+    A NATS ``.creds`` file (a user JWT and its NKey seed, as ``nsc`` writes it; needs the
+    ``nkeys`` package) is passed on by path; any other file holds one line, ``USER:PASSWORD``
+    or a token. The secret never appears in an error message.
+    """
+    if path is None:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReaderError(
+            f"cannot read the NATS credentials file {path}: {getattr(exc, 'strerror', exc)}; "
+            f"check the path and that this user may read it"
+        ) from exc
+    if "BEGIN NATS USER JWT" in text:
+        return {"user_credentials": path}
+    line = text.strip()
+    if not line or "\n" in line:
+        raise ReaderError(
+            f"the NATS credentials file {path} must be a .creds file or one line, "
+            f"USER:PASSWORD or a token"
+        )
+    user, colon, password = line.partition(":")
+    return {"user": user, "password": password} if colon else {"token": line}
 
 
 class Cursor:
@@ -139,7 +168,7 @@ class JetStreamSource:
         try:
             self._connection = await nats.connect(
                 self.servers,
-                user_credentials=self.credentials,
+                **connect_options(self.credentials),
                 name=f"tradebalancer-reader {self.durable}",
                 connect_timeout=self.connect_timeout,
                 max_reconnect_attempts=-1,
