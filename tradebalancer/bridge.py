@@ -61,7 +61,7 @@ from nats.js.api import StorageType, StreamConfig
 from .keyguard import seal
 from .reader import MessageParser, ReaderError, fds_from_environment
 from .reader.format import header
-from .reader.jetstream import connect_options
+from .reader.jetstream import RECONNECT_WAIT, connect_options
 
 logger = logging.getLogger("tradebalancer.bridge")
 
@@ -134,18 +134,23 @@ async def open_connection(options: BridgeOptions) -> Client:
     delay = 0.1
     while True:
         try:
-            return await nats.connect(
+            connection = nats.NATS()
+            await connection.connect(
                 list(options.servers),
                 **credentials,
                 name="tradebalancer-bridge",
                 max_reconnect_attempts=-1,
-                reconnect_time_wait=0.25,
+                **RECONNECT_WAIT,
                 connect_timeout=2,
+                allow_reconnect=False,  # this loop retries the first connection itself
                 error_cb=on_error,
                 disconnected_cb=on_disconnected,
                 reconnected_cb=on_reconnected,
             )
+            connection.options["allow_reconnect"] = True  # from now on, for ever
+            return connection
         except nats.errors.Error as exc:
+            await connection.close()  # the failed attempt's socket
             if "authorization" in str(exc).lower() or "auth" in type(exc).__name__.lower():
                 raise BridgeError(
                     f"JetStream at {','.join(options.servers)} refused the credentials "
@@ -154,6 +159,7 @@ async def open_connection(options: BridgeOptions) -> Client:
                 ) from exc
             logger.warning("cannot connect to JetStream (%s); retrying in %.1f s", exc, delay)
         except OSError as exc:
+            await connection.close()
             logger.warning("cannot connect to JetStream (%s); retrying in %.1f s", exc, delay)
         await asyncio.sleep(delay)
         delay = min(delay * 2, RETRY_MAX)

@@ -9,14 +9,15 @@ the user's code twice. Imports nothing of the daemon; needs ``nats-py`` beside t
 
     from tradebalancer.reader.jetstream import JetStreamSource
 
-    with JetStreamSource(["nats://10.0.0.5:4222"], stream="TB", durable="vwap-host2",
-                         partitions=[3, 4], cursor="/var/lib/vwap/cursor") as source:
+    servers = ["nats://10.0.0.5:4222"]
+    with JetStreamSource(servers, stream="TB", durable="vwap-host2", partitions=[3, 4],
+                         cursor="/var/lib/vwap/cursor") as source:
         for partition, messages in source.batches():  # as Reader.batches, per batch
             for message in messages:
                 ...                                   # the event's JSON bytes, as the feed sent
 
-``for message in source`` yields one by one, ``async with`` / ``async for`` and ``abatches()``
-do the same on the asyncio loop. A source never reaches end of file: ``stop()`` ends it (call it
+``for message in source`` yields one by one (``source.partition`` names its partition);
+``async with`` / ``async for`` and ``abatches()`` do the same on the asyncio loop. A source never reaches end of file: ``stop()`` ends it (call it
 from a signal handler), and with ``timeout`` ``(-1, [])`` is yielded when idle.
 
 Guarantees, and how they are kept
@@ -57,10 +58,15 @@ __all__ = ["Cursor", "JetStreamSource", "connect_options"]
 
 logger = logging.getLogger(__name__)
 
-_CURSOR = struct.Struct("<QQ")  # the message's stream sequence, the events handed over
+_CURSOR = struct.Struct("<QQ")
+# Seconds before the client tries a server it just lost again (nats-py annotates an int and
+# takes a float): a cluster's other servers are tried at once.
+RECONNECT_WAIT: dict[str, Any] = {
+    "reconnect_time_wait": 0.25
+}  # the message's stream sequence, the events handed over
 
 
-def connect_options(path: str | None) -> dict[str, str]:
+def connect_options(path: str | None) -> dict[str, Any]:
     """The nats.connect() arguments a credentials file gives; the bridge reads it the same way.
 
     A NATS ``.creds`` file (a user JWT and its NKey seed, as ``nsc`` writes it; needs the
@@ -144,6 +150,7 @@ class JetStreamSource:
         self.connect_timeout = connect_timeout
         self.cursor = Cursor(cursor)
         self.messages = 0  # events handed over
+        self.partition = -1  # the partition of the last event (batch) handed over
         self.stopped = False
         self._connection: Any = None
         self._subscription: Any = None
@@ -165,17 +172,27 @@ class JetStreamSource:
             ) from exc
         self._errors = nats.errors
         where = ",".join(self.servers)
+
+        async def on_error(exc: Exception) -> None:
+            logger.warning("JetStream connection: %s", exc or type(exc).__name__)
+
         try:
-            self._connection = await nats.connect(
+            # The first connection fails at once (a wrong password must not loop); once
+            # connected, the client reconnects by itself for ever.
+            self._connection = nats.NATS()
+            await self._connection.connect(
                 self.servers,
                 **connect_options(self.credentials),
                 name=f"tradebalancer-reader {self.durable}",
                 connect_timeout=self.connect_timeout,
                 max_reconnect_attempts=-1,
-                reconnect_time_wait=0.25,
-                allow_reconnect=True,
+                allow_reconnect=False,
+                error_cb=on_error,
+                **RECONNECT_WAIT,
             )
-        except nats.errors.Error as exc:
+            self._connection.options["allow_reconnect"] = True
+        except (nats.errors.Error, OSError) as exc:
+            await self.aclose()  # the failed attempt's socket
             raise ReaderError(
                 f"cannot connect to JetStream at {where} with credentials "
                 f"{self.credentials or 'none'}: {exc or type(exc).__name__}; check the URLs and "
@@ -257,6 +274,7 @@ class JetStreamSource:
                 yield -1, []
             elif skip < len(messages):
                 self.cursor.write(sequence, skip)
+                self.partition = partition
                 self.messages += len(messages) - skip
                 yield partition, messages[skip:]
 
@@ -266,6 +284,7 @@ class JetStreamSource:
         async for partition, sequence, messages, skip in self._deliveries(None):
             if partition < 0:
                 continue
+            self.partition = partition
             for index in range(skip, len(messages)):
                 write(sequence, index)
                 self.messages += 1
@@ -313,7 +332,11 @@ class JetStreamSource:
 
     def __enter__(self) -> JetStreamSource:
         self._loop = asyncio.new_event_loop()
-        self._loop.run_until_complete(self.aopen())
+        try:
+            self._loop.run_until_complete(self.aopen())
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(
