@@ -134,7 +134,7 @@ async def open_connection(options: BridgeOptions) -> Client:
     delay = 0.1
     while True:
         try:
-            connection = nats.NATS()
+            connection = Client()
             await connection.connect(
                 list(options.servers),
                 **credentials,

@@ -17,8 +17,9 @@ the user's code twice. Imports nothing of the daemon; needs ``nats-py`` beside t
                 ...                                   # the event's JSON bytes, as the feed sent
 
 ``for message in source`` yields one by one (``source.partition`` names its partition);
-``async with`` / ``async for`` and ``abatches()`` do the same on the asyncio loop. A source never reaches end of file: ``stop()`` ends it (call it
-from a signal handler), and with ``timeout`` ``(-1, [])`` is yielded when idle.
+``async with`` / ``async for`` and ``abatches()`` do the same on the asyncio loop. A source
+never reaches end of file: ``stop()`` ends it (call it from a signal handler), and with
+``timeout`` ``(-1, [])`` is yielded when idle.
 
 Guarantees, and how they are kept
 ---------------------------------
@@ -112,7 +113,13 @@ class Cursor:
         return min(self.done, events) if sequence == self.sequence else 0
 
     def write(self, sequence: int, done: int) -> None:
-        """Record that ``done`` events of the message at ``sequence`` were handed over."""
+        """Record that ``done`` events of the message at ``sequence`` were handed over.
+
+        Never backwards: a server that crashed may restore its consumer's state from before
+        the crash and deliver again what this cursor is past.
+        """
+        if (sequence, done) <= (self.sequence, self.done):
+            return
         self.sequence, self.done = sequence, done
         if self.fd >= 0:
             os.pwrite(self.fd, _CURSOR.pack(sequence, done), 0)
@@ -165,6 +172,7 @@ class JetStreamSource:
             import nats
             import nats.errors
             import nats.js.errors
+            from nats.aio.client import Client
             from nats.js.api import AckPolicy, ConsumerConfig
         except ImportError as exc:  # pragma: no cover - a host without the extra
             raise ReaderError(
@@ -179,7 +187,7 @@ class JetStreamSource:
         try:
             # The first connection fails at once (a wrong password must not loop); once
             # connected, the client reconnects by itself for ever.
-            self._connection = nats.NATS()
+            self._connection = Client()
             await self._connection.connect(
                 self.servers,
                 **connect_options(self.credentials),
@@ -207,6 +215,13 @@ class JetStreamSource:
                 f"no JetStream stream {self.stream!r} at {where}: check the name, or start the "
                 f"balancer first (its bridge creates the stream)"
             ) from None
+        if self.cursor.sequence > (info.state.last_seq or 0):
+            await self.aclose()
+            raise ReaderError(
+                f"the cursor file is at message {self.cursor.sequence} but stream "
+                f"{self.stream!r} ends at {info.state.last_seq}: the stream was made anew; "
+                f"delete the cursor file (and the durable consumer) to read it from its start"
+            )
         prefixes = [s[:-2] for s in info.config.subjects or [] if s.endswith(".>")]
         if len(prefixes) != 1:
             await self.aclose()
