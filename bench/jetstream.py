@@ -141,18 +141,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for index, (kind, feed) in enumerate(plans):
             for path, url in (("pipes", None), ("jetstream", server.url)):
-                print(f"bench.jetstream: {kind} over {path} ...", file=sys.stderr, flush=True)
+                sys.stderr.write(f"bench.jetstream: {kind} over {path} ...\n")
                 outcome = run(pool, feed, args.pipes, url, f"bench{index}")
                 if not outcome.verified:
                     failed = True
-                    print(f"  FAILED: {outcome.problems}", file=sys.stderr)
+                    sys.stderr.write(f"  FAILED: {outcome.problems}\n")
                 results.setdefault(kind, {})[path] = summary(outcome)
     finally:
         server.stop()
         shutil.rmtree(directory, ignore_errors=True)
-    print(f"\nJetStream (one nats-server, file storage) beside the pipes, {args.pipes} partitions,")
-    print(f"latency at {args.rate:,.0f} trades/s, from the feed's send to the sink's receive")
-    print(f"{'':22}{'pipes':>12}{'jetstream':>14}{'ratio':>9}")
+    sys.stdout.write(
+        f"\nJetStream (one nats-server, file storage) beside the pipes, {args.pipes} partitions,\n"
+    )
+    sys.stdout.write(
+        f"latency at {args.rate:,.0f} trades/s, from the feed's send to the sink's receive\n"
+    )
+    sys.stdout.write(f"{'':22}{'pipes':>12}{'jetstream':>14}{'ratio':>9}\n")
     ratios: dict[str, float] = {}
     for kind, paths in results.items():
         for figure in paths.get("pipes", {}):
@@ -162,11 +166,11 @@ def main(argv: list[str] | None = None) -> int:
             ratio = remote / local if local else float("nan")
             ratios[f"{kind}.{figure}"] = round(ratio, 2)
             label = f"{kind} " + ("trades/s" if figure == "trades_per_s" else figure[:-3] + " us")
-            print(f"{label:22}{local:>12,.1f}{remote:>14,.1f}{ratio:>9.2f}")
+            sys.stdout.write(f"{label:22}{local:>12,.1f}{remote:>14,.1f}{ratio:>9.2f}\n")
             if figure != "trades_per_s":
                 ratios[f"{kind}.{figure[:-3]}_added_us"] = round(remote - local, 1)
     result = {"pipes": args.pipes, "rate": args.rate, "results": results, "ratios": ratios}
-    print(json.dumps(result))
+    sys.stdout.write(json.dumps(result) + "\n")
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "jetstream.json").write_text(json.dumps(result, indent=2) + "\n")
     return 1 if failed else 0
