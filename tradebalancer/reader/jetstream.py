@@ -174,7 +174,7 @@ class JetStreamSource:
             import nats.js.errors
             from nats.aio.client import Client
             from nats.js.api import AckPolicy, ConsumerConfig
-        except ImportError as exc:  # pragma: no cover - a host without the extra
+        except ImportError as exc:  # a host without the extra (tests/test_reader_wheel.py)
             raise ReaderError(
                 "JetStreamSource needs nats-py: pip install 'tradebalancer-reader[jetstream]'"
             ) from exc
