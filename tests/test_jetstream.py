@@ -24,7 +24,7 @@ from natsserver import NatsServer, cluster, environment
 from test_service import Balancer, expected_streams, read_records
 
 from tradebalancer.reader import ReaderError
-from tradebalancer.reader.jetstream import JetStreamSource
+from tradebalancer.reader.jetstream import Cursor, JetStreamSource, connect_options
 from tradebalancer.replay import ReplayOptions, ReplayServer
 
 WORKER = Path(__file__).resolve().parent / "jsworker.py"
@@ -313,3 +313,50 @@ def test_the_bridge_names_refused_credentials_and_a_missing_stream_it_may_not_cr
         assert bridge.returncode == code, bridge.stderr
         assert message in bridge.stderr.decode()
         assert "wrong-Secret-7" not in bridge.stderr.decode()
+
+
+def test_the_cursor_survives_a_reopen_and_never_moves_back(tmp_path: Path) -> None:
+    """Skips what was handed over, in older messages all of it, and ignores a step backwards."""
+    cursor = Cursor(str(tmp_path / "cursor"))
+    cursor.write(7, 3)
+    cursor.write(5, 10)  # a redelivered older message, skipped whole: no step back
+    cursor.close()
+    cursor = Cursor(str(tmp_path / "cursor"))
+    assert (cursor.sequence, cursor.done) == (7, 3)
+    assert [cursor.skip(6, 4), cursor.skip(7, 10), cursor.skip(7, 2), cursor.skip(8, 5)] == [
+        4,
+        3,
+        2,
+        0,
+    ]
+    cursor.close()
+    assert (Cursor(None).sequence, Cursor(None).skip(1, 5)) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("text", "options"),
+    [
+        ("-----BEGIN NATS USER JWT-----\neyJ0\n------END NATS USER JWT------\n", "creds"),
+        ("tb:Pa:ss\n", {"user": "tb", "password": "Pa:ss"}),
+        ("s3cr3t-token\n", {"token": "s3cr3t-token"}),
+    ],
+)
+def test_a_credentials_file_gives_the_connect_options(
+    tmp_path: Path, text: str, options: object
+) -> None:
+    """A .creds file is passed by path; one line is USER:PASSWORD or a token."""
+    path = tmp_path / "nats.creds"
+    path.write_text(text)
+    expected = {"user_credentials": str(path)} if options == "creds" else options
+    assert connect_options(str(path)) == expected
+
+
+def test_an_unusable_credentials_file_is_named_without_its_secret(tmp_path: Path) -> None:
+    """Two lines that are not a .creds file, or no file, raise a ReaderError naming the path."""
+    path = tmp_path / "nats.creds"
+    path.write_text("user:Secret-1\nmore\n")
+    with pytest.raises(ReaderError, match=r"must be a \.creds file or one line") as caught:
+        connect_options(str(path))
+    assert "Secret-1" not in str(caught.value)
+    with pytest.raises(ReaderError, match="cannot read the NATS credentials file"):
+        connect_options(str(tmp_path / "missing"))
