@@ -360,3 +360,30 @@ def test_an_unusable_credentials_file_is_named_without_its_secret(tmp_path: Path
     assert "Secret-1" not in str(caught.value)
     with pytest.raises(ReaderError, match="cannot read the NATS credentials file"):
         connect_options(str(tmp_path / "missing"))
+
+
+@pytest.mark.timeout(60)
+def test_the_bridge_publishes_what_came_before_a_pipe_that_breaks_the_framing(
+    tmp_path: Path, processes: list[object]
+) -> None:
+    """Events before a frame that is not the balancer's are published, then the bridge exits 71."""
+    server = NatsServer(tmp_path / "nats").start()
+    processes.append(server)
+    read, write = os.pipe()
+    event = b'{"ev":"T","sym":"AAPL"}'
+    os.write(write, len(event).to_bytes(4, "little") + event + b"\x05\x00\x00\x00hello")
+    os.close(write)
+    argv = [
+        *(sys.executable, "-m", "tradebalancer.bridge", "--servers", server.url),
+        *("--stream", "tb", "--subject-prefix", "tb.feed", "--partitions", "0"),
+    ]
+    env = environment() | {"TRADEBALANCER_FDS": str(read)}
+    bridge = subprocess.run(
+        argv, pass_fds=(read,), env=env, capture_output=True, timeout=30, check=False
+    )
+    os.close(read)
+    assert bridge.returncode == 71, bridge.stderr
+    assert "is this fd one of the balancer's pipes?" in bridge.stderr.decode()
+    source = JetStreamSource([server.url], stream="tb", durable="d", partitions=[0])
+    with source:
+        assert next(source.batches()) == (0, [event])

@@ -65,7 +65,7 @@ from .reader.jetstream import RECONNECT_WAIT, connect_options
 
 logger = logging.getLogger("tradebalancer.bridge")
 
-EX_OK, EX_NOPERM, EX_CONFIG, EX_PROTOCOL = 0, 77, 78, 76
+EX_OK, EX_OSERR, EX_PROTOCOL, EX_NOPERM, EX_CONFIG = 0, 71, 76, 77, 78
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-last-sequence check
 READ_SIZE = 1 << 20
 RETRY_MAX = 2.0  # seconds: the longest wait between two attempts at one batch
@@ -236,6 +236,7 @@ class Bridge:
         ]
         self.stopping = False
         self.published_events = 0
+        self.failure: Exception | None = None  # a pipe that is not the balancer's framing
 
     async def run_until_done(self) -> int:
         """Publish until every pipe reached end of file (or SIGTERM) and all is stored."""
@@ -257,6 +258,8 @@ class Bridge:
             )
         finally:
             await connection.drain()
+        if self.failure is not None:
+            raise BridgeError(f"{self.failure}: is this fd one of the balancer's pipes?", EX_OSERR)
         logger.info("all pipes closed; %d events published", self.published_events)
         return EX_OK
 
@@ -293,9 +296,18 @@ class Bridge:
                 pending += header(len(message))
                 pending += message
                 outbox.events += 1
-            if outbox.parser.error is not None:
-                raise outbox.parser.error
-            if len(pending) >= limit:  # backpressure: the pipe fills, the balancer holds back
+            if outbox.parser.skipped_bytes:  # a predecessor died inside a message
+                skipped = sum(len(run) for run in outbox.parser.skipped_received())
+                logger.warning(
+                    "partition %d: skipped %d bytes of an event a previous bridge had begun "
+                    "to read (lost with it)",
+                    *(outbox.partition, skipped),
+                )
+            if outbox.parser.error is not None:  # not the balancer's framing: publish no more
+                self.failure = outbox.parser.error
+                outbox.eof = True
+                self._pause(outbox)
+            elif len(pending) >= limit:  # backpressure: the pipe fills, the balancer holds back
                 self._pause(outbox)
         outbox.ready.set()
 
