@@ -143,6 +143,7 @@ def run_feed(
     rate: float | None = None,
     during: Callable[[Balancer, RemoteWorker], None] | None = None,
     replicas: int = 1,
+    worker_args: tuple[str, ...] = (),
 ) -> tuple[Balancer, RemoteWorker]:
     """Stream ``events`` through a remote balancer to one remote worker; ``during`` meddles."""
     urls = ",".join(server.url for server in servers)
@@ -152,7 +153,7 @@ def run_feed(
         balancer = remote_balancer(tmp_path, feed.url, urls, jetstream)
         processes.append(balancer)
         wait_until(lambda: "JetStream stream tb" in balancer.log_text(), "the stream", 30)
-        remote = RemoteWorker(tmp_path, urls, "w1")
+        remote = RemoteWorker(tmp_path, urls, "w1", *worker_args)
         processes.append(remote)
         if during is not None:
             during(balancer, remote)
@@ -241,16 +242,20 @@ def test_a_remote_worker_killed_in_its_code_and_restarted_gets_each_event_once(
     killed_at = 5_000
 
     def crash(balancer: Balancer, remote: RemoteWorker) -> None:
-        remote.process.kill()  # the first one reads nothing: restart with the crash armed
-        remote.process.wait()
-        remote.start("--crash-at", str(killed_at))
         remote.process.wait(60)
         assert remote.process.returncode == -signal.SIGKILL
         assert remote.count() == killed_at - 1
         remote.start()
 
     balancer, remote = run_feed(
-        tmp_path, processes, [server], events=30_000, seed=13, rate=10_000, during=crash
+        tmp_path,
+        processes,
+        [server],
+        events=30_000,
+        seed=13,
+        rate=10_000,
+        during=crash,
+        worker_args=("--crash-at", str(killed_at)),
     )
     assert_all_once_in_order(balancer, remote, expected_streams(30_000, 13, PIPES))
 
