@@ -63,8 +63,10 @@ unit: venv
 e2e: venv
 	$(VENV)/bin/pytest -m vm $(PYTEST_ARGS)
 
+# Then the same feed through JetStream beside the pipes (bench/jetstream.py: ratios).
 bench: venv
 	$(PY) -m bench $(BENCH_ARGS)
+	$(PY) -m bench.jetstream $(BENCH_JETSTREAM_ARGS)
 
 deb: venv
 	sh packaging/build-deb.sh

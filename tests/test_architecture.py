@@ -17,7 +17,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tradebalancer"
 
 LAYERS: list[list[str]] = [
     # the worker library (its C loop), and the package's version
-    ["reader", "reader.format", "reader.framing", "reader.sample", "reader._fastread"],
+    [
+        *("reader", "reader.format", "reader.framing", "reader.sample", "reader._fastread"),
+        "reader.jetstream",
+    ],
     ["tradebalancer"],
     # leaves: no logic of the service (the C router is split.py's loop)
     [
@@ -52,7 +55,7 @@ LAYERS: list[list[str]] = [
     ],
     # what wires the parts
     ["service", "replay.server", "statusview"],
-    ["replay.cli", "replay", "sample"],
+    ["replay.cli", "replay", "sample", "bridge"],
     ["cli"],
     ["__main__", "replay.__main__"],
 ]

@@ -478,11 +478,11 @@ def test_every_commented_out_key_of_the_shipped_file_shows_its_default() -> None
     """Uncommenting the commented-out keys of [feeds.feed] changes nothing but the examples."""
     text = SHIPPED.read_text()
     head, body = text.split("[feeds.feed]\n")
-    examples = {"ca_file", "server_hostname", "working_directory", "workers"}
+    examples = {"ca_file", "server_hostname", "working_directory", "workers", "jetstream"}
     keys = [
         match[1]
         for match in re.finditer(r"^# (([A-Za-z_.]+) = .*)$", body, re.MULTILINE)
-        if match[2] not in examples
+        if match[2].split(".")[0] not in examples
     ]
     uncommented = config.loads(f"{head}[feeds.feed]\n" + "\n".join(keys) + "\n" + body)
     assert uncommented.feed("feed") == config.loads(text).feed("feed")
@@ -568,3 +568,48 @@ def test_a_relative_api_key_file_is_relative_to_the_config_file(tmp_path: Path) 
     assert config.load(path).feed("feed").api_key_file == str(tmp_path / "keys" / "feed.key")
     path.write_text(FEED + 'api_key_file = "${CREDENTIALS_DIRECTORY}/api-key"\n')
     assert config.load(path).feed("feed").api_key_file == "${CREDENTIALS_DIRECTORY}/api-key"
+
+
+JETSTREAM = FEED + '[feeds.feed.jetstream]\nservers = ["nats://10.0.0.5:4222"]\n'
+
+
+@pytest.mark.parametrize(
+    ("lines", "key_path", "message"),
+    [
+        ("partitions = [15]", "feeds.feed.jetstream.partitions[0]", "from 0 to 14 (pipes = 15)"),
+        ("partitions = [1, 1]", "feeds.feed.jetstream.partitions", "lists a partition twice"),
+        ("partitions = []", "feeds.feed.jetstream.partitions", '"all" or a non-empty array'),
+        ('storage = "disk"', "feeds.feed.jetstream.storage", '"file", "memory", got "disk"'),
+        ("replicas = 0", "feeds.feed.jetstream.replicas", "from 1 to 5"),
+        ('stream = "a.b"', "feeds.feed.jetstream.stream", "a JetStream stream name"),
+        ('subject_prefix = "a.>"', "feeds.feed.jetstream.subject_prefix", "(no * or >)"),
+        ('create = "yes"', "feeds.feed.jetstream.create", "must be true or false"),
+        ("colour = 1", "feeds.feed.jetstream.colour", "unknown key"),
+    ],
+)
+def test_a_bad_jetstream_key_is_named_with_what_to_do(
+    lines: str, key_path: str, message: str
+) -> None:
+    """Each [feeds.NAME.jetstream] mistake names its key path and what is allowed."""
+    error = load_error(JETSTREAM + lines + "\n")
+    assert error.key_path == key_path
+    assert message in error.message
+
+
+def test_a_jetstream_table_without_servers_says_they_are_required() -> None:
+    """jetstream keys without servers fail with an example of the servers key."""
+    error = load_error(FEED + '[feeds.feed.jetstream]\npartitions = "all"\n')
+    assert error.key_path == "feeds.feed.jetstream.servers"
+    assert "nats://" in error.message
+
+
+def test_the_shipped_jetstream_example_loads_as_written() -> None:
+    """Uncommenting the shipped file's jetstream example gives those partitions and servers."""
+    lines = re.findall(r"^# (jetstream\.[a-z_]+ = .*)$", SHIPPED.read_text(), re.MULTILINE)
+    jetstream = load_feed(FEED + "\n".join(lines) + "\n").jetstream
+    assert jetstream is not None
+    assert jetstream.partitions == tuple(range(8, 15))
+    assert jetstream.replicas == 3
+    assert len(jetstream.servers) == 3
+    assert jetstream.credentials_file == "${CREDENTIALS_DIRECTORY}/nats.creds"
+    assert load_feed(FEED).jetstream is None

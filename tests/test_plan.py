@@ -190,3 +190,52 @@ def test_each_worker_gets_a_clean_environment_that_names_its_fds() -> None:
     assert first.cwd == second.cwd == "/var/lib/tradebalancer/feed"
     assert first.argv == ("worker", "3", "4")
     assert clean_environment({"A": "1", "B": "2"}, ["B"]) == {"A": "1"}
+
+
+def make_remote_feed(partitions: str, **keys: object) -> FeedConfig:
+    """A feed with ``[feeds.feed.jetstream]`` publishing ``partitions`` (TOML) to one server."""
+    lines = [f"{key} = {value}" for key, value in keys.items()]
+    return config.loads(
+        "\n".join(
+            [
+                "[feeds.feed]",
+                'command = ["worker"]',
+                *lines,
+                "[feeds.feed.jetstream]",
+                'servers = ["nats://10.0.0.5:4222"]',
+                'credentials_file = "${CREDENTIALS_DIRECTORY}/nats.creds"',
+                f"partitions = {partitions}",
+            ]
+        )
+    ).feed("feed")
+
+
+def test_remote_partitions_go_to_one_trusted_bridge_and_the_rest_to_the_workers() -> None:
+    """The workers share the local pipes in blocks; the bridge gets the remote ones, uncovered."""
+    feed = make_remote_feed("[1, 4, 5]", pipes=7, workers=2)
+    plans = plan_workers(feed, {"CREDENTIALS_DIRECTORY": "/run/credentials/x"})
+    assert [(plan.pipes, plan.trusted) for plan in plans] == [
+        ((0, 2), False),
+        ((3, 6), False),
+        ((1, 4, 5), True),
+    ]
+    bridge = plans[2]
+    assert bridge.argv[1:3] == ("-m", "tradebalancer.bridge")
+    assert "--partitions" in bridge.argv
+    assert bridge.argv[bridge.argv.index("--partitions") + 1] == "1,4,5"
+    assert bridge.argv[-2:] == ("--credentials", "/run/credentials/x/nats.creds")
+    assert bridge.env["TRADEBALANCER_FDS"] == "3,4,5"
+    assert plans[1].argv == ("worker", "3", "4")
+
+
+def test_all_partitions_remote_leaves_the_bridge_alone() -> None:
+    """partitions = "all" plans no local worker, only the bridge over every pipe."""
+    plans = plan_workers(make_remote_feed('"all"', pipes=3), {"CREDENTIALS_DIRECTORY": "/c"})
+    assert [(plan.index, plan.pipes, plan.trusted) for plan in plans] == [(0, (0, 1, 2), True)]
+
+
+def test_a_credentials_path_with_an_unset_variable_fails_the_plan() -> None:
+    """The credentials file's ${VAR} must be set in the service's environment."""
+    with pytest.raises(ConfigError) as caught:
+        plan_workers(make_remote_feed("[0]", pipes=3), {})
+    assert caught.value.key_path == "feeds.feed.jetstream.credentials_file"

@@ -114,3 +114,53 @@ def test_a_worker_on_the_reader_alone_reads_a_real_pipe(reader_python: Path) -> 
     output, _ = worker.communicate(timeout=60)
     assert worker.returncode == 0
     assert output.decode().splitlines() == [event.decode() for event in EVENTS]
+
+
+@pytest.mark.timeout(600)
+def test_the_jetstream_source_needs_only_nats_py_beside_the_reader(
+    reader_python: Path, tmp_path: Path
+) -> None:
+    """Without nats-py the source says which extra to install; with it, it reads a real server."""
+    from natsserver import NatsServer
+
+    code = textwrap.dedent(
+        """
+        import sys
+        from tradebalancer.reader import ReaderError
+        from tradebalancer.reader.jetstream import JetStreamSource
+        source = JetStreamSource([sys.argv[1]], stream="nope", durable="d", partitions=[0])
+        try:
+            with source:
+                pass
+        except ReaderError as exc:
+            print(exc)
+        """
+    )
+    server = NatsServer(tmp_path / "nats").start()
+    try:
+
+        def run() -> str:
+            result = subprocess.run(
+                [reader_python, "-I", "-c", code, server.url],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env=_clean_environment(),
+                check=False,
+            )
+            assert result.returncode == 0, result.stderr
+            return result.stdout
+
+        assert "pip install 'tradebalancer-reader[jetstream]'" in run()
+        wheels = tmp_path / "wheels"
+        for argv in (
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", wheels],
+            [reader_python, "-m", "pip", "install", "--quiet", "--no-index", "-f", wheels],
+        ):
+            done = subprocess.run(
+                [*argv, "nats-py"], capture_output=True, text=True, timeout=300, check=False
+            )
+            assert done.returncode == 0, done.stderr
+        assert f"no JetStream stream 'nope' at {server.url}" in run()
+    finally:
+        server.stop()

@@ -61,6 +61,10 @@ _TLS_MODES: tuple[Literal["auto", "kernel", "user"], ...] = ("auto", "kernel", "
 _PASS_FDS: tuple[Literal["append", "none"], ...] = ("append", "none")
 _SCHEDULING: tuple[Literal["batch", "other"], ...] = ("batch", "other")
 _ISOLATION: tuple[Literal["auto", "required", "off"], ...] = ("auto", "required", "off")
+_STORAGE: tuple[Literal["file", "memory"], ...] = ("file", "memory")
+_NATS_URL = re.compile(r"(nats|tls)://[^\s,/]+")
+_STREAM_NAME = re.compile(r"[A-Za-z0-9_-]+")  # JetStream forbids . * > and spaces in a name
+_SUBJECT = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,22 @@ class RestartConfig:
 
     initial: float = 1.0
     max: float = 30.0
+
+
+@dataclass(frozen=True)
+class JetStreamConfig:
+    """``[feeds.NAME.jetstream]``: the partitions published to NATS JetStream (bridge.py)."""
+
+    servers: tuple[str, ...]  # nats:// URLs of one cluster
+    stream: str
+    subject_prefix: str  # partition p is published to PREFIX.p
+    partitions: tuple[int, ...]  # the pipe indexes served by the bridge, ascending
+    credentials_file: str | None  # a NATS .creds file; ${VAR} expanded by plan.py
+    storage: Literal["file", "memory"]
+    replicas: int
+    create: bool  # create the stream when it is missing (else: an error)
+    max_batch_bytes: int
+    publish_timeout: float
 
 
 @dataclass(frozen=True)
@@ -124,6 +144,7 @@ class FeedConfig:
     drain_timeout: float  # on stop: how long the pipes may take to drain into the workers
     route_keys: Mapping[str, str]
     route_key_default: str
+    jetstream: JetStreamConfig | None = None  # None: every partition on local pipes
 
 
 # The keys a feed table may hold: every field but those derived from the name and the url.
@@ -134,6 +155,7 @@ _SUBTABLES: Mapping[str, frozenset[str] | None] = {
     "reconnect": frozenset(field.name for field in fields(ReconnectConfig)),
     "worker_restart": frozenset(field.name for field in fields(RestartConfig)),
     "route_keys": None,  # any event type
+    "jetstream": frozenset(field.name for field in fields(JetStreamConfig)),
 }
 
 
@@ -332,8 +354,72 @@ def _feed(name: str, values: _Values, base: Path) -> FeedConfig:
         drain_timeout=read.number("drain_timeout", 10.0, strict=False),
         route_keys=MappingProxyType(route_keys),
         route_key_default=read.string("route_key_default", DEFAULT_ROUTE_KEY, empty=False),
+        jetstream=_jetstream(read, name, pipes, base),
     )
     return feed
+
+
+def _jetstream(read: _Reader, name: str, pipes: int, base: Path) -> JetStreamConfig | None:
+    if not any(key.startswith("jetstream.") for key in read.values):
+        return None
+    if "jetstream.servers" not in read.values:
+        raise ConfigError(
+            read.path("jetstream.servers"),
+            'missing: the NATS servers are required, e.g. servers = ["nats://10.0.0.5:4222"]',
+        )
+    servers = read.strings("jetstream.servers", [], _NATS_URL, "a URL like nats://host:4222")
+    value, path = read.get("jetstream.partitions", "all")
+    if value == "all":
+        partitions = list(range(pipes))
+    elif isinstance(value, list) and value:
+        partitions = []
+        for index, item in enumerate(value):
+            if isinstance(item, bool) or not isinstance(item, int) or not 0 <= item < pipes:
+                raise ConfigError(
+                    f"{path}[{index}]",
+                    f"must be a pipe index from 0 to {pipes - 1} (pipes = {pipes}), "
+                    f"got {_describe(item)}",
+                )
+            partitions.append(item)
+        if len(set(partitions)) != len(partitions):
+            raise ConfigError(path, f"lists a partition twice: {value}")
+    else:
+        raise ConfigError(
+            path, f'must be "all" or a non-empty array of pipe indexes, got {_describe(value)}'
+        )
+    credentials = read.optional("jetstream.credentials_file", variables=True)
+    if credentials is not None and not credentials.startswith(("/", "${")):
+        credentials = str(base / credentials)  # relative to the configuration file
+    stream = read.string("jetstream.stream", f"tradebalancer-{name}", empty=False)
+    if not _STREAM_NAME.fullmatch(stream):
+        raise ConfigError(
+            read.path("jetstream.stream"),
+            f"must be letters, digits, _ and - (a JetStream stream name), got {_describe(stream)}",
+        )
+    prefix = read.string("jetstream.subject_prefix", f"tradebalancer.{name}", empty=False)
+    if not _SUBJECT.fullmatch(prefix):
+        raise ConfigError(
+            read.path("jetstream.subject_prefix"),
+            f"must be dot-separated tokens of letters, digits, _ and - (no * or >), "
+            f"got {_describe(prefix)}",
+        )
+    create, create_path = read.get("jetstream.create", True)
+    if not isinstance(create, bool):
+        raise ConfigError(create_path, f"must be true or false, got {_describe(create)}")
+    return JetStreamConfig(
+        servers=tuple(servers),
+        stream=stream,
+        subject_prefix=prefix,
+        partitions=tuple(sorted(partitions)),
+        credentials_file=credentials,
+        storage=read.choice("jetstream.storage", "file", _STORAGE),
+        replicas=read.integer("jetstream.replicas", 1, 1, 5),
+        create=create,
+        max_batch_bytes=read.integer(
+            "jetstream.max_batch_bytes", 1 << 20, 4096, 64 << 20, " (bytes)"
+        ),
+        publish_timeout=read.number("jetstream.publish_timeout", 5.0),
+    )
 
 
 class _Reader:

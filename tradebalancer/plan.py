@@ -16,6 +16,12 @@ but the environment it is given.
   watchdog, socket activation), the credentials directory and every variable that may hold the
   API key, plus ``TRADEBALANCER_FEED``, ``TRADEBALANCER_WORKER`` and ``TRADEBALANCER_FDS``.
 
+* The partitions ``[feeds.NAME.jetstream]`` names are not local: the workers share the other
+  pipes (blocks as above over the local pipes, in order), and one more worker, the bridge
+  (``python -m tradebalancer.bridge``, bridge.py), reads the remote ones and publishes them. It
+  is the package's own code, not the user's: it is ``trusted``, started without the cover that
+  hides the credentials (keyguard.py), since it reads the NATS credentials file.
+
 Check-config renders every worker's plan, so a bad template fails there (exit 78), not at the
 spawn of worker 5 an hour later.
 """
@@ -33,7 +39,9 @@ __all__ = [
     "SCRUBBED_ENVIRONMENT",
     "WorkerPlan",
     "argv_for",
+    "bridge_argv",
     "clean_environment",
+    "local_pipes",
     "pipe_block",
     "pipes_for_worker",
     "plan_workers",
@@ -66,6 +74,7 @@ class WorkerPlan:
     argv: tuple[str, ...]
     cwd: str
     env: Mapping[str, str]
+    trusted: bool = False  # the package's own bridge: no key cover (keyguard.py)
 
 
 def plan_workers(feed: FeedConfig, environ: Mapping[str, str]) -> list[WorkerPlan]:
@@ -74,13 +83,57 @@ def plan_workers(feed: FeedConfig, environ: Mapping[str, str]) -> list[WorkerPla
     base = clean_environment(environ, feed.api_key_env)
     base["TRADEBALANCER_FEED"] = feed.name
     plans = []
-    for index in range(feed.workers):
+    for index in range(local_workers(feed)):
         pipes = tuple(pipes_for_worker(feed, index))
-        env = dict(base)
-        env["TRADEBALANCER_WORKER"] = str(index)
-        env[FDS_VARIABLE] = ",".join(str(FIRST_FD + offset) for offset in range(len(pipes)))
-        plans.append(WorkerPlan(index, pipes, tuple(argv_for(feed, index, cwd)), cwd, env))
+        plans.append(
+            WorkerPlan(
+                index, pipes, tuple(argv_for(feed, index, cwd)), cwd, _env(base, index, pipes)
+            )
+        )
+    if feed.jetstream is not None:
+        index, pipes = len(plans), feed.jetstream.partitions
+        argv = tuple(bridge_argv(feed, environ))
+        plans.append(WorkerPlan(index, pipes, argv, cwd, _env(base, index, pipes), trusted=True))
     return plans
+
+
+def _env(base: Mapping[str, str], index: int, pipes: Sequence[int]) -> dict[str, str]:
+    env = dict(base)
+    env["TRADEBALANCER_WORKER"] = str(index)
+    env[FDS_VARIABLE] = ",".join(str(FIRST_FD + offset) for offset in range(len(pipes)))
+    return env
+
+
+def local_pipes(feed: FeedConfig) -> list[int]:
+    """The pipe indexes the feed's own workers read: all but the JetStream partitions."""
+    remote = set(feed.jetstream.partitions) if feed.jetstream is not None else set()
+    return [pipe for pipe in range(feed.pipes) if pipe not in remote]
+
+
+def local_workers(feed: FeedConfig) -> int:
+    """How many workers run the feed's command: ``workers``, at most one per local pipe."""
+    return min(feed.workers, len(local_pipes(feed)))
+
+
+def bridge_argv(feed: FeedConfig, environ: Mapping[str, str]) -> list[str]:
+    """The bridge's command line for ``feed``'s JetStream partitions (bridge.py parses it)."""
+    jetstream = feed.jetstream
+    assert jetstream is not None
+    argv = [
+        *(sys.executable, "-m", "tradebalancer.bridge"),
+        *("--servers", ",".join(jetstream.servers)),
+        *("--stream", jetstream.stream, "--subject-prefix", jetstream.subject_prefix),
+        *("--partitions", ",".join(str(partition) for partition in jetstream.partitions)),
+        *("--storage", jetstream.storage, "--replicas", str(jetstream.replicas)),
+        *("--max-batch-bytes", str(jetstream.max_batch_bytes)),
+        *("--publish-timeout", f"{jetstream.publish_timeout:g}"),
+    ]
+    if not jetstream.create:
+        argv.append("--no-create")
+    if jetstream.credentials_file is not None:
+        path = f"feeds.{feed.name}.jetstream.credentials_file"
+        argv += ["--credentials", expand_variables(jetstream.credentials_file, environ, path)]
+    return argv
 
 
 def pipe_block(pipe_count: int, workers: int, worker: int) -> range:
@@ -92,7 +145,8 @@ def pipe_block(pipe_count: int, workers: int, worker: int) -> range:
 
 def pipes_for_worker(feed: FeedConfig, worker: int) -> list[int]:
     """Return the indexes of the pipes ``worker`` of ``feed`` reads, in order."""
-    return list(pipe_block(feed.pipes, feed.workers, worker))
+    local = local_pipes(feed)
+    return [local[index] for index in pipe_block(len(local), local_workers(feed), worker)]
 
 
 def worker_variables(feed: FeedConfig, worker: int, workdir: str) -> dict[str, object]:
@@ -101,7 +155,7 @@ def worker_variables(feed: FeedConfig, worker: int, workdir: str) -> dict[str, o
     return {
         "feed": feed.name,
         "worker": worker,
-        "workers": feed.workers,
+        "workers": local_workers(feed),
         "fds": list(range(FIRST_FD, FIRST_FD + len(pipes))),
         "pipes": pipes,
         "pipe_count": feed.pipes,
@@ -114,7 +168,7 @@ def argv_for(feed: FeedConfig, worker: int, workdir: str) -> list[str]:
     """Return the argv of ``worker``: the rendered command, then its fds if ``pass_fds`` says so."""
     argv = feed.command.render(worker_variables(feed, worker, workdir))
     if feed.pass_fds == "append":
-        count = len(pipe_block(feed.pipes, feed.workers, worker))
+        count = len(pipes_for_worker(feed, worker))
         argv.extend(str(fd) for fd in range(FIRST_FD, FIRST_FD + count))
     return argv
 

@@ -66,6 +66,7 @@ class Worker:
     read_fds: list[int]  # the balancer's read ends of this worker's pipes, in pipe order
     pipe_indexes: list[int]
     env: Mapping[str, str] = field(default_factory=dict)  # its whole environment (plan.py)
+    trusted: bool = False  # the package's own bridge: started without the key cover
     pid: int | None = None
     started_at: float = 0.0
     restarts: int = 0
@@ -245,6 +246,7 @@ class WorkerPool:
                 read_fds=[read_fds[pipe] for pipe in plan.pipes],
                 pipe_indexes=list(plan.pipes),
                 env=plan.env,
+                trusted=plan.trusted,
             )
             for plan in plans
         ]
@@ -384,7 +386,7 @@ class WorkerPool:
             now=now,
             batch=self.scheduling == "batch",
             feed=self.feed,
-            cover=self.cover,
+            cover=None if worker.trusted else self.cover,
         )
         if self.scheduling == "batch" and not self._policy_warned:
             self._check_policy(worker)

@@ -1,0 +1,435 @@
+"""The JetStream bridge: a built-in worker that publishes its pipes' events to NATS JetStream.
+
+Owns the publishing side of remote partitions: the balancer spawns it like any worker over the
+pipes ``[feeds.NAME.jetstream]`` names (plan.py renders its arguments), it reads them with
+``tradebalancer.reader``, and publishes each partition's events to ``PREFIX.PARTITION`` as one
+JetStream message per batch whose payload is the pipe's own framed bytes (``[u32 LE length]
+[event]`` ...), whole messages only. It creates or checks the stream at start. It knows nothing
+of what an event means and never touches the balancer's hot path: its only link to the balancer
+is the pipes, so a slow JetStream is ordinary pipe backpressure (the bridge stops reading, the
+pipe fills, the balancer keeps its backlog and logs it). Runs as::
+
+    python -m tradebalancer.bridge --servers nats://h1:4222,nats://h2:4222 --stream TB \\
+        --subject-prefix tb.stocks --partitions 3,4 [--credentials FILE] ...
+
+Design notes
+------------
+* One message per partition per batch, and at most one in flight per partition: while batch
+  ``n`` waits for its PubAck, batch ``n+1`` accumulates from the pipe (up to ``--max-batch-bytes``;
+  then that pipe is not read until the ack). The batch size follows the latency by itself and
+  JetStream sees a few thousand publishes a second, not one per event. One in flight per
+  partition is what keeps the order under retries: with two in flight a retried ``n`` could be
+  stored after ``n+1``. Partitions publish concurrently (asyncio; never a publish awaited in a
+  sequential loop over partitions, nats.py issue #390).
+* No batch is stored twice, whatever the outage's length. Each publish carries ``Nats-Msg-Id``
+  (``RUN.PARTITION.SEQ``, ``RUN`` random per bridge start) for the duplicate window, and also
+  ``Nats-Expected-Last-Subject-Sequence``, the partition subject's last sequence as the previous
+  PubAck gave it (at start: the stream's last message on the subject). A retry of a batch that
+  was in fact stored before the server died is refused by the server with "wrong last
+  sequence"; the bridge then reads the subject's last message, finds its own Msg-Id there, and
+  takes the batch as stored. Any other message there means another publisher writes the
+  subject: the bridge stops with an error rather than interleave.
+* A restarted bridge cannot repeat a batch: reading a pipe consumes it, and what the previous
+  bridge read is gone from the pipe. The converse is the one hole: a bridge killed with SIGKILL
+  loses the events it had read and not yet stored (at most ``--max-batch-bytes`` being
+  published plus what was read behind it, per partition), exactly as a local worker loses what
+  it had read (README, "If a worker dies"). On end of file (the balancer stops) and on SIGTERM
+  it publishes everything it read before it exits.
+* Never a drop on a slow or absent server: every publish is retried (with a capped backoff and
+  a WARNING per failure) until it is stored; the client reconnects by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import StorageType, StreamConfig
+
+from .keyguard import seal
+from .reader import MessageParser, ReaderError, fds_from_environment
+from .reader.format import header
+from .reader.jetstream import RECONNECT_WAIT, connect_options
+
+logger = logging.getLogger("tradebalancer.bridge")
+
+EX_OK, EX_OSERR, EX_PROTOCOL, EX_NOPERM, EX_CONFIG = 0, 71, 76, 77, 78
+WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-last-sequence check
+READ_SIZE = 1 << 20
+RETRY_MAX = 2.0  # seconds: the longest wait between two attempts at one batch
+
+
+class BridgeError(Exception):
+    """The bridge cannot go on: the message says what is wrong and what to do."""
+
+    def __init__(self, message: str, exit_code: int = EX_CONFIG) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class BridgeOptions:
+    """The bridge's command line: where to publish and which partitions its fds carry."""
+
+    servers: tuple[str, ...]
+    stream: str
+    subject_prefix: str
+    partitions: tuple[int, ...]  # the pipe index of each fd, in fd order
+    credentials: str | None = None
+    storage: str = "file"
+    replicas: int = 1
+    create: bool = True
+    max_batch_bytes: int = 1 << 20
+    publish_timeout: float = 5.0
+
+    def subject(self, partition: int) -> str:
+        """The subject partition ``partition`` is published to."""
+        return f"{self.subject_prefix}.{partition}"
+
+
+@dataclass
+class Outbox:
+    """One partition: the framed bytes read and not yet published, and its publish state."""
+
+    partition: int
+    fd: int
+    parser: MessageParser
+    pending: bytearray = field(default_factory=bytearray)
+    events: int = 0
+    sequence: int = 0  # batches published by this run
+    last_subject_sequence: int = 0  # the subject's last stream sequence, from the last PubAck
+    eof: bool = False
+    reading: bool = False
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+async def open_connection(options: BridgeOptions) -> Client:
+    """Connect to the servers, retrying while none answers; BridgeError if auth is refused."""
+
+    async def on_error(exc: Exception) -> None:
+        logger.warning("JetStream connection: %s", exc)
+
+    async def on_disconnected() -> None:
+        logger.warning("disconnected from JetStream")
+
+    async def on_reconnected() -> None:
+        logger.info("reconnected to JetStream")
+
+    try:
+        credentials = connect_options(options.credentials)
+    except ReaderError as exc:
+        raise BridgeError(str(exc)) from exc
+    delay = 0.1
+    while True:
+        try:
+            connection = Client()
+            await connection.connect(
+                list(options.servers),
+                **credentials,
+                name="tradebalancer-bridge",
+                max_reconnect_attempts=-1,
+                **RECONNECT_WAIT,
+                connect_timeout=2,
+                allow_reconnect=False,  # this loop retries the first connection itself
+                error_cb=on_error,
+                disconnected_cb=on_disconnected,
+                reconnected_cb=on_reconnected,
+            )
+            connection.options["allow_reconnect"] = True  # from now on, for ever
+            return connection
+        except nats.errors.Error as exc:
+            await connection.close()  # the failed attempt's socket
+            if "authorization" in str(exc).lower() or "auth" in type(exc).__name__.lower():
+                raise BridgeError(
+                    f"JetStream at {','.join(options.servers)} refused the credentials "
+                    f"({options.credentials or 'none'}): {exc}; check the credentials file",
+                    EX_NOPERM,
+                ) from exc
+            logger.warning("cannot connect to JetStream (%s); retrying in %.1f s", exc, delay)
+        except OSError as exc:
+            await connection.close()
+            logger.warning("cannot connect to JetStream (%s); retrying in %.1f s", exc, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, RETRY_MAX)
+
+
+async def ensure_stream(js: JetStreamContext, options: BridgeOptions) -> None:
+    """Create the stream, or check that the existing one matches; BridgeError on a mismatch."""
+    storage = StorageType.FILE if options.storage == "file" else StorageType.MEMORY
+    wanted = f"{options.subject_prefix}.>"
+    try:
+        info = await js.stream_info(options.stream)
+    except nats.js.errors.NotFoundError:
+        if not options.create:
+            raise BridgeError(
+                f"no JetStream stream {options.stream!r} and jetstream.create is false: create "
+                f"it with subjects [{wanted!r}], or set create = true"
+            ) from None
+        await js.add_stream(
+            StreamConfig(
+                name=options.stream,
+                subjects=[wanted],
+                storage=storage,
+                num_replicas=options.replicas,
+            )
+        )
+        logger.info("created JetStream stream %s (%s, %s storage, replicas %d)",
+                    options.stream, wanted, options.storage, options.replicas)  # fmt: skip
+        return
+    config = info.config
+    problems = []
+    if wanted not in (config.subjects or []):
+        problems.append(f"subjects {config.subjects} do not include {wanted!r}")
+    if config.storage != storage:
+        problems.append(f"storage is {config.storage}, the configuration says {options.storage}")
+    if (config.num_replicas or 1) != options.replicas:
+        problems.append(
+            f"replicas is {config.num_replicas}, the configuration says {options.replicas}"
+        )
+    if problems:
+        raise BridgeError(
+            f"JetStream stream {options.stream!r} exists but {'; '.join(problems)}: change "
+            f"[feeds.NAME.jetstream] to match it, or edit the stream (nats stream edit "
+            f"{options.stream}) or remove it (nats stream rm {options.stream})"
+        )
+    logger.info("JetStream stream %s checked", options.stream)
+
+
+async def last_subject_message(
+    js: JetStreamContext, options: BridgeOptions, partition: int
+) -> tuple[int, str | None]:
+    """The stream sequence and Msg-Id of the partition subject's last message, (0, None) if none."""
+    try:
+        message = await js.get_last_msg(options.stream, options.subject(partition))
+    except nats.js.errors.NotFoundError:
+        return 0, None
+    headers = message.headers or {}
+    return message.seq or 0, headers.get("Nats-Msg-Id")
+
+
+class Bridge:
+    """Reads the partitions' pipes and publishes their batches, one in flight per partition."""
+
+    def __init__(self, options: BridgeOptions, fds: Sequence[int], run: str) -> None:
+        if len(fds) != len(options.partitions):
+            raise BridgeError(
+                f"{len(fds)} pipe fds for {len(options.partitions)} partitions "
+                f"({options.partitions}): the bridge must be started by the balancer"
+            )
+        self.options = options
+        self.run = run
+        self.outboxes = [
+            Outbox(partition, fd, MessageParser(fd))
+            for partition, fd in zip(options.partitions, fds, strict=True)
+        ]
+        self.stopping = False
+        self.published_events = 0
+        self.failure: Exception | None = None  # a pipe that is not the balancer's framing
+
+    async def run_until_done(self) -> int:
+        """Publish until every pipe reached end of file (or SIGTERM) and all is stored."""
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop)
+        connection = await open_connection(self.options)
+        try:
+            js = connection.jetstream(timeout=self.options.publish_timeout)
+            await ensure_stream(js, self.options)
+            limit = min(self.options.max_batch_bytes, max(connection.max_payload - 1024, 4096))
+            for outbox in self.outboxes:
+                outbox.last_subject_sequence, _ = await last_subject_message(
+                    js, self.options, outbox.partition
+                )
+                os.set_blocking(outbox.fd, False)
+                self._resume(outbox, limit)
+            await asyncio.gather(
+                *(self._publish_all(js, outbox, limit) for outbox in self.outboxes)
+            )
+        finally:
+            await connection.drain()
+        if self.failure is not None:
+            raise BridgeError(f"{self.failure}: is this fd one of the balancer's pipes?", EX_OSERR)
+        logger.info("all pipes closed; %d events published", self.published_events)
+        return EX_OK
+
+    def stop(self) -> None:
+        """SIGTERM: read no more; publish what was read, then exit."""
+        self.stopping = True
+        for outbox in self.outboxes:
+            self._pause(outbox)
+            outbox.eof = True
+            outbox.ready.set()
+
+    def _resume(self, outbox: Outbox, limit: int) -> None:
+        if not outbox.reading and not outbox.eof and len(outbox.pending) < limit:
+            asyncio.get_running_loop().add_reader(outbox.fd, self._read, outbox, limit)
+            outbox.reading = True
+
+    def _pause(self, outbox: Outbox) -> None:
+        if outbox.reading:
+            asyncio.get_running_loop().remove_reader(outbox.fd)
+            outbox.reading = False
+
+    def _read(self, outbox: Outbox, limit: int) -> None:
+        try:
+            data = os.read(outbox.fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        if not data:
+            outbox.parser.receive_eof()
+            outbox.eof = True
+            self._pause(outbox)
+        else:
+            pending = outbox.pending
+            for message in outbox.parser.receive_data(data):
+                pending += header(len(message))
+                pending += message
+                outbox.events += 1
+            if outbox.parser.skipped_bytes:  # a predecessor died inside a message
+                skipped = sum(len(run) for run in outbox.parser.skipped_received())
+                logger.warning(
+                    "partition %d: skipped %d bytes of an event a previous bridge had begun "
+                    "to read (lost with it)",
+                    *(outbox.partition, skipped),
+                )
+            if outbox.parser.error is not None:  # not the balancer's framing: publish no more
+                self.failure = outbox.parser.error
+                outbox.eof = True
+                self._pause(outbox)
+            elif len(pending) >= limit:  # backpressure: the pipe fills, the balancer holds back
+                self._pause(outbox)
+        outbox.ready.set()
+
+    async def _publish_all(self, js: JetStreamContext, outbox: Outbox, limit: int) -> None:
+        while True:
+            await outbox.ready.wait()
+            outbox.ready.clear()
+            while outbox.pending:
+                payload, events = self._take(outbox, limit)
+                self._resume(outbox, limit)
+                await self._publish(js, outbox, payload)
+                self.published_events += events
+            if outbox.eof:
+                return
+            self._resume(outbox, limit)
+
+    @staticmethod
+    def _take(outbox: Outbox, limit: int) -> tuple[bytes, int]:
+        """Cut the next batch: whole framed messages, at most ``limit`` bytes (one if larger)."""
+        pending = outbox.pending
+        if len(pending) <= limit:
+            payload, events = bytes(pending), outbox.events
+            pending.clear()
+            outbox.events = 0
+            return payload, events
+        end = count = 0
+        view = memoryview(pending)
+        while end < len(pending):
+            size = 4 + int.from_bytes(view[end : end + 4], "little")
+            if end + size > limit and count:
+                break
+            end += size
+            count += 1
+        view.release()
+        payload = bytes(pending[:end])
+        del pending[:end]
+        outbox.events -= count
+        return payload, count
+
+    async def _publish(self, js: JetStreamContext, outbox: Outbox, payload: bytes) -> None:
+        outbox.sequence += 1
+        msg_id = f"{self.run}.{outbox.partition}.{outbox.sequence}"
+        subject = self.options.subject(outbox.partition)
+        delay = 0.05
+        while True:
+            headers = {
+                "Nats-Msg-Id": msg_id,
+                "Nats-Expected-Last-Subject-Sequence": str(outbox.last_subject_sequence),
+            }
+            try:
+                ack = await js.publish(
+                    subject, payload, stream=self.options.stream, headers=headers
+                )
+                outbox.last_subject_sequence = ack.seq
+                return
+            except nats.js.errors.APIError as exc:
+                if exc.err_code != WRONG_LAST_SEQUENCE:
+                    logger.warning("publish to %s refused (%s); retrying", subject, exc)
+                else:
+                    sequence, last_id = await last_subject_message(
+                        js, self.options, outbox.partition
+                    )
+                    if last_id == msg_id:  # stored before the server went away: done
+                        outbox.last_subject_sequence = sequence
+                        return
+                    raise BridgeError(
+                        f"another publisher writes {subject} (its last message {last_id!r} is "
+                        f"not this bridge's): give each feed its own stream or subject_prefix",
+                        EX_PROTOCOL,
+                    ) from exc
+            except (TimeoutError, nats.errors.Error, OSError) as exc:
+                logger.warning(
+                    "publish to %s not acknowledged (%s); retrying (%d bytes held)",
+                    subject, type(exc).__name__, len(payload) + len(outbox.pending),
+                )  # fmt: skip
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
+
+
+def parse_options(argv: Sequence[str]) -> BridgeOptions:
+    """The command line (see the module's docstring) -> BridgeOptions; exits 64 when bad."""
+    parser = argparse.ArgumentParser(prog="python -m tradebalancer.bridge")
+    parser.add_argument("--servers", required=True, help="comma-separated nats:// URLs")
+    parser.add_argument("--stream", required=True)
+    parser.add_argument("--subject-prefix", required=True)
+    parser.add_argument("--partitions", required=True, help="the pipe index of each fd: 3,4")
+    parser.add_argument("--credentials", default=None, help="a NATS .creds file")
+    parser.add_argument("--storage", choices=("file", "memory"), default="file")
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--no-create", dest="create", action="store_false")
+    parser.add_argument("--max-batch-bytes", type=int, default=1 << 20)
+    parser.add_argument("--publish-timeout", type=float, default=5.0)
+    parser.add_argument("fds", nargs="*", help="ignored: the fds come from TRADEBALANCER_FDS")
+    args = parser.parse_args(argv)
+    return BridgeOptions(
+        servers=tuple(args.servers.split(",")),
+        stream=args.stream,
+        subject_prefix=args.subject_prefix,
+        partitions=tuple(int(part) for part in args.partitions.split(",")),
+        credentials=args.credentials,
+        storage=args.storage,
+        replicas=args.replicas,
+        create=args.create,
+        max_batch_bytes=args.max_batch_bytes,
+        publish_timeout=args.publish_timeout,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the bridge; the exit code: 0 when every pipe closed and all was stored."""
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    # Started without the key cover (plan.py: it reads the NATS credentials): keep the
+    # workers, the same user's processes, out of its memory as the balancer keeps them.
+    seal()
+    options = parse_options(sys.argv[1:] if argv is None else argv)
+    try:
+        bridge = Bridge(options, fds_from_environment(), secrets.token_hex(6))
+        return asyncio.run(bridge.run_until_done())
+    except BridgeError as exc:
+        logger.error("%s", exc)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
