@@ -1,4 +1,5 @@
-"""Kernel TLS on Debian 12's own kernel (tls is a module there), in a guest booted once.
+"""Kernel TLS on Debian's own kernels (tls is a module there), in a guest booted once per
+release: Debian 12 (kernel 6.1) and Debian 13 (kernel 6.12).
 
 The host builds the .deb from this tree (so the tradebalancer under test is this one), makes
 two test CAs (ECDSA for Python's ssl server, RSA for ``openssl s_server`` and nginx, which
@@ -29,9 +30,9 @@ from typing import Any
 
 import orjson
 import pytest
-from test_packaging import build_package
+from debpackages import Packages
 from tlsca import make_ca
-from vm import VMResult, run_in_vm, vm_available
+from vm import SUITES, VMResult, run_in_vm, vm_available
 
 from tradebalancer.replay import synth
 from tradebalancer.routing import pipe_for
@@ -331,13 +332,16 @@ def _checklist(guest: Guest) -> Iterator[str]:
         yield f"  [{mark}] {name}: {values}"
 
 
-@pytest.fixture(scope="module")
-def guest(tmp_path_factory: pytest.TempPathFactory) -> Guest:
-    reason = vm_available()
+@pytest.fixture(scope="module", params=list(SUITES))
+def guest(
+    request: pytest.FixtureRequest, packages: Packages, tmp_path_factory: pytest.TempPathFactory
+) -> Guest:
+    suite = request.param
+    reason = vm_available(suite)
     if reason is not None:
         pytest.skip(reason)
-    base = tmp_path_factory.mktemp("ktls-vm")
-    deb = build_package(base / "deb-build", base / "deb-out")
+    base = tmp_path_factory.mktemp(f"ktls-vm-{suite}")
+    deb = packages.deb(suite)
     share = base / "share"
     files = share / "files"
     files.mkdir(parents=True)
@@ -356,6 +360,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Guest:
         timeout=VM_SECONDS,
         network=False,  # everything talks over 127.0.0.1 in the guest
         extra_files={"tradebalancer.deb": deb},
+        suite=suite,
     )
     records: dict[str, dict[str, Any]] = {}
     for phase in ("without-module", "with-module"):
