@@ -8,12 +8,14 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Debian packages the build, the tests and the VM test need (installed once, only if missing).
-# xz-utils unpacks Debian 13's kernel modules for the VM image.
+# xz-utils unpacks Debian 13's kernel modules for the VM image; apt-utils (apt-ftparchive),
+# gnupg and gpgv make and check the signed apt repository.
 APT_PACKAGES := python3 python3-venv python3-dev gcc libcap-dev \
 	qemu-system-x86 qemu-utils debootstrap xz-utils \
-	debhelper dpkg-dev fakeroot lintian openssl ca-certificates systemd e2fsprogs debian-archive-keyring
+	debhelper dpkg-dev fakeroot lintian openssl ca-certificates systemd e2fsprogs debian-archive-keyring \
+	apt-utils gnupg gpgv
 
-.PHONY: all deps venv demo test check lint typecheck unit e2e bench deb reader-wheel clean
+.PHONY: all deps venv demo test check lint typecheck unit e2e bench deb repo reader-wheel clean
 
 all: test
 
@@ -70,6 +72,11 @@ bench: venv
 # make deb DIST=trixie: the Debian 13 package, built in a cached trixie build root (as root).
 deb: venv
 	TB_DEB_DIST=$(DIST) sh packaging/build-deb.sh
+
+# A signed apt repository of the package for Debian 12 and 13 in packaging/out/repo (see
+# packaging/build-repo.sh; its signing key stays in packaging/out/repo-key, outside the tree).
+repo: venv
+	sh packaging/build-repo.sh
 
 # The worker library alone, for worker hosts: packaging/out/tradebalancer_reader-*.whl.
 reader-wheel: venv
