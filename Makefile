@@ -10,10 +10,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the build, the tests and the VM test need (installed once, only if missing).
 # xz-utils unpacks Debian 13's kernel modules for the VM image; apt-utils (apt-ftparchive),
 # gnupg and gpgv make and check the signed apt repository.
+# prometheus: tests/test_prometheus.py runs its own server and promtool on a private port and
+# directory; the system service the package may start is never used.
 APT_PACKAGES := python3 python3-venv python3-dev gcc libcap-dev \
 	qemu-system-x86 qemu-utils debootstrap xz-utils \
 	debhelper dpkg-dev fakeroot lintian openssl ca-certificates systemd e2fsprogs debian-archive-keyring \
-	apt-utils gnupg gpgv
+	apt-utils gnupg gpgv prometheus
 
 .PHONY: all deps venv demo test check lint typecheck unit e2e bench deb repo reader-wheel clean
 

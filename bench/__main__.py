@@ -21,8 +21,9 @@ order, so that a busy spell of the machine spreads over all of them:
 Then, once: a small run whose sinks also parse every event and check its route (``--strict``
 in the sinks, too slow to keep up at full speed on two CPUs), and with ``--profile DIR`` a
 py-spy profile of the balancer at the largest pipe count. Progress goes to stderr; stdout gets
-the tables, then the whole result as one JSON line. The exit status is 1 if any run failed its
-verification.
+the tables, then the whole result as one JSON line; the same result goes to
+``bench-results/bench.json`` and its picture (``bench/plot.py``) to ``bench-results/bench.svg``
+(``--results DIR``). The exit status is 1 if any run failed its verification.
 
     python -m bench [--quick] [--repeat 3] [--trades 5000000] [--pipes 4,16] [--profile DIR]
 """
@@ -34,6 +35,7 @@ import importlib.util
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +52,7 @@ from . import (
     harness,
     hotpath,
     measure,
+    plot,
     readerrate,
     report,
     stages,
@@ -100,6 +103,13 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         help='a line for the balancer\'s [feeds.bench] table, e.g. "backlog_limit = 16777216"',
     )
     add("--keep", action="store_true", help="keep each run's directory (config, log, reports)")
+    add(
+        "--results",
+        default="bench-results",
+        metavar="DIR",
+        help="write the result as bench.json and its picture as bench.svg here "
+        "(default bench-results; '' for neither)",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     defaults = {
@@ -196,6 +206,7 @@ def describe(run: Run, outcome: harness.Outcome) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; print the tables and the JSON line; 1 if anything failed."""
     args = parse_arguments(argv)
+    date, source = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), commit()
     load_start = measure.sample_load()
     loadavg_start = os.getloadavg()
     started = time.monotonic()
@@ -269,13 +280,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         **{k: round(v, 3) for k, v in measure.other_load(load_start, load_end).items()},
     }
     extra["version"] = tradebalancer.__version__
+    extra["date"] = date
+    extra["commit"] = source
     summary = report.summarize(runs, results, extra)
     strict_ok = not isinstance(extra.get("strict"), dict) or extra["strict"]["verified"]
     summary["verified"] = bool(summary["verified"]) and bool(strict_ok)
     sys.stdout.write(report.render(summary, runs, report.all_figures(runs, results)))
     sys.stdout.write(json.dumps(summary, separators=(",", ":")) + "\n")
     sys.stdout.flush()
+    if args.results:
+        save(summary, Path(args.results))
     return 0 if summary["verified"] else 1
+
+
+def commit() -> str | None:
+    """The source tree's commit, "+changes" if it differs from it; None outside a git tree."""
+    repo = Path(__file__).resolve().parent.parent
+
+    def git(*arguments: str) -> str:
+        done = subprocess.run(
+            ["git", "-C", str(repo), *arguments], capture_output=True, text=True, check=True
+        )
+        return done.stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if changed else "")
+
+
+def save(summary: dict[str, object], directory: Path) -> None:
+    """Write the result as ``bench.json`` and its picture as ``bench.svg`` in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "bench.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (directory / "bench.svg").write_text(plot.render(summary), encoding="utf-8")
+    progress(f"wrote {directory / 'bench.json'} and {directory / 'bench.svg'}")
 
 
 def strict_check(pool: Pool, pipes: int) -> dict[str, object]:

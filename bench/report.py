@@ -5,7 +5,9 @@ the figures ``make bench`` prints, and printing them. Throughput figures are med
 repeats; ratios (balancer against the baseline and the ceiling, wss against ws) are taken
 within each repeat first, then their median, so a machine that is slower during one repeat
 moves both sides of a ratio alike. Latency percentiles pool the samples of every repeat (one
-sample per feed frame: a few thousand per run, too few for a per-run p99.9).
+sample per feed frame: a few thousand per run, too few for a per-run p99.9); beside p50, p99
+and p99.9, ``percentiles_us`` keeps the distribution's curve for ``bench/plot.py``: the sample
+at each of ``QUANTILES``, so every point of the plotted curve is a measured sample.
 
 Runs nothing and reads no clock.
 """
@@ -18,6 +20,10 @@ from dataclasses import dataclass
 
 from .harness import Outcome
 from .measure import median, percentile
+
+# The minimum, p50, then ten steps a decade of 1 / (1 - p) up to p99.9: the x axis of a
+# latency-by-percentile plot, where p90, p99 and p99.9 are evenly spaced.
+QUANTILES = tuple(sorted({0.5, *(round(1 - 10 ** (-step / 10), 6) for step in range(31))}))
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,9 @@ def figures(run: Run, outcomes: Sequence[Outcome]) -> dict[str, object]:
             result[label] = percentile(pooled, fraction) / 1e3 if pooled else None
         result["max_us"] = pooled[-1] / 1e3 if pooled else None
         result["latency_samples"] = len(pooled)
+        result["percentiles_us"] = [
+            [fraction, percentile(pooled, fraction) / 1e3] for fraction in QUANTILES if pooled
+        ]
     return result
 
 
@@ -125,7 +134,16 @@ def summarize(
         latency = {
             rate_label(other.rate): {
                 key: by_name[other.name][key]
-                for key in ("p50_us", "p99_us", "p999_us", "max_us", "latency_samples")
+                for key in (
+                    "name",
+                    "rate",
+                    "p50_us",
+                    "p99_us",
+                    "p999_us",
+                    "max_us",
+                    "latency_samples",
+                    "percentiles_us",
+                )
             }
             | {
                 "balancer_cpu_ns_per_trade": by_name[other.name]["cpu_ns_per_trade"],

@@ -10,7 +10,7 @@ PY=${PY:-python3}
 PORT=9943
 dir=$(mktemp -d "${TMPDIR:-/tmp}/tradebalancer-demo.XXXXXX") || exit 1
 mkfifo "$dir/url" || exit 1
-"$PY" -m tradebalancer replay --port $PORT --rate 20000 --accept-key demo >"$dir/url" &
+"$PY" -m tradebalancer replay --port $PORT --rate 20000 --delay 0.02 --accept-key demo >"$dir/url" &
 replay=$!
 trap 'kill $replay 2>/dev/null; wait $replay 2>/dev/null; rm -rf "$dir"' EXIT
 trap 'exit 0' INT TERM

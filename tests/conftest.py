@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from debpackages import Packages
@@ -32,3 +33,14 @@ def framing_loop(request: pytest.FixtureRequest) -> Iterator[str]:
 def packages(tmp_path_factory: pytest.TempPathFactory) -> Packages:
     """This tree's Debian packages, each (distribution, version) built once per session."""
     return Packages(tmp_path_factory.mktemp("packages"))
+
+
+@pytest.fixture
+def balancers() -> Iterator[list[Any]]:
+    """Balancers a test starts (test_service.Balancer): killed at the end if still running."""
+    started: list[Any] = []
+    yield started
+    for balancer in started:
+        if balancer.process.poll() is None:
+            balancer.process.kill()
+            balancer.process.wait()

@@ -20,7 +20,10 @@ LAYERS: list[list[str]] = [
     ["reader", "reader.format", "reader.framing", "reader.sample", "reader._fastread"],
     ["tradebalancer"],
     # leaves: no logic of the service (the C router is split.py's loop)
-    ["errors", "units", "routing", "spans", "backoff", "systemd", "episode", "_fastsplit"],
+    [
+        *("errors", "units", "routing", "spans", "backoff", "systemd", "episode", "_fastsplit"),
+        *("histogram", "delay", "address"),
+    ],
     ["signals", "command", "stats", "handshake", "subscriptions", "transport.keys", "delivery"],
     ["transport.kernel"],
     # the parts, each sans-I/O or the owner of one kind of fd
@@ -34,10 +37,21 @@ LAYERS: list[list[str]] = [
         "replay.synth",
         "replay.options",
     ],
-    ["credentials", "plan", "keyguard", "transport.connector", "transport", "replay.stream"],
-    ["workers", "connection", "forward", "status", "poller", "preflight", "replay.connection"],
+    [
+        "credentials",
+        "plan",
+        "keyguard",
+        "reload",
+        "transport.connector",
+        "transport",
+        "replay.stream",
+    ],
+    [
+        *("workers", "connection", "forward", "status", "poller", "preflight"),
+        *("replay.connection", "metrics", "control", "listener"),
+    ],
     # what wires the parts
-    ["service", "replay.server"],
+    ["service", "replay.server", "statusview"],
     ["replay.cli", "replay", "sample"],
     ["cli"],
     ["__main__", "replay.__main__"],

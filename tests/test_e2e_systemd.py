@@ -497,6 +497,32 @@ def test_the_watchdog_restarts_a_stopped_main_process(scenario: Scenario) -> Non
     )
 
 
+def test_systemctl_reload_resubscribes_live_and_refuses_a_restart_key(scenario: Scenario) -> None:
+    """`systemctl reload` adds a channel on the live connection (same PID, confirmed, logged),
+    fails for a key that needs a restart, and `tradebalancer status` shows the instance."""
+    check_recorded(
+        scenario,
+        {
+            "reload_status": "0",
+            "reload_confirmed": "0",
+            "reload_logged": "yes",
+            "reload_job_logged": "yes",
+            "reload_refused_logged": "yes",
+            "reload_active": "active",
+            "status_view_status": "0",
+            "status_view_subscribed": "T.*, Q.AAPL; refused: -",
+            "control_socket_mode": "600",
+        },
+    )
+    refused = scenario.value("reload_refused_status")
+    check(scenario, "systemctl reload with a restart key", refused, refused != "0", "fails")
+    same = scenario.value("reload_pid_before") == scenario.value("reload_pid_after")
+    check(scenario, "main PID across reloads", scenario.value("reload_pid_after"), same, "same")
+    state = scenario.value("status_view_state")
+    ok = state.startswith("streaming: wss://localhost:9443/stocks, TLS kernel")
+    check(scenario, "status view", state, ok, "streaming over kernel TLS")
+
+
 def test_an_upgrade_restarts_the_running_instance(scenario: Scenario) -> None:
     """apt install of a newer package restarts the running instance through the umbrella."""
     check_recorded(

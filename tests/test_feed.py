@@ -389,7 +389,7 @@ def test_every_status_in_every_phase_does_what_the_table_says(
         (Phase.AUTHENTICATING, "auth_success", "authenticated", Meaning.AUTH_OK),
         (Phase.SUBSCRIBING, "success", "subscribed to: T.*,Q.AAPL", Meaning.CONFIRMED),
         (Phase.STREAMING, "success", "SUBSCRIBED TO: q.aapl", Meaning.CONFIRMED),
-        (Phase.STREAMING, "success", "unsubscribed to: T.*", Meaning.OTHER),
+        (Phase.STREAMING, "success", "unsubscribed to: T.*", Meaning.UNSUBSCRIBED),
         (Phase.STREAMING, "error", "not authorized: LULD.*", Meaning.ERROR),
         (Phase.STREAMING, "bonjour", "", Meaning.OTHER),
         (Phase.STREAMING, 7, "", Meaning.OTHER),

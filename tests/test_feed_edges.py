@@ -17,12 +17,12 @@ from pathlib import Path
 import orjson
 import pytest
 from hostile import HostileFeed, Script, status
-from test_service import Balancer, NotifySocket, balancers, notify_socket, read_records
+from test_service import Balancer, NotifySocket, notify_socket, read_records
 
 from tradebalancer.replay import synth
 from tradebalancer.routing import pipe_for
 
-__all__ = ["balancers", "notify_socket"]  # the fixtures, used by name
+__all__ = ["notify_socket"]  # the fixture, used by name
 
 PIPES = 3
 pytestmark = pytest.mark.timeout(120)

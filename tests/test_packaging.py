@@ -354,7 +354,7 @@ def test_the_build_keeps_its_own_pip_cache(built: Built) -> None:
 
 @pytest.mark.timeout(BUILD_TIMEOUT)
 def test_the_package_holds_every_file(built: Built) -> None:
-    """The launcher, units, kernel settings, man page, config and venv are all in the package."""
+    """The launcher, units, kernel settings, man page, config, venv, examples: all packaged."""
     listing = subprocess.run(
         ["dpkg-deb", "-c", str(built.deb)], capture_output=True, text=True, check=True, timeout=30
     ).stdout
@@ -373,6 +373,8 @@ def test_the_package_holds_every_file(built: Built) -> None:
         f"{VENV}/bin/python3",
         f"{site_packages}/tradebalancer/cli.py",
         "/usr/share/doc/tradebalancer/copyright",
+        "/usr/share/doc/tradebalancer/examples/grafana-dashboard.json",
+        "/usr/share/doc/tradebalancer/examples/tradebalancer-alerts.yml",
     ):
         assert path in paths, path
     assert not [path for path in paths if "__pycache__" in path or path.endswith(".pyc")]

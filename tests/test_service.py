@@ -139,16 +139,6 @@ worker_restart.initial = 0.05
             raise AssertionError(f"balancer did not stop:\n{self.log_text()}") from None
 
 
-@pytest.fixture
-def balancers() -> Iterator[list[Balancer]]:
-    started: list[Balancer] = []
-    yield started
-    for balancer in started:
-        if balancer.process.poll() is None:
-            balancer.process.kill()
-            balancer.process.wait()
-
-
 def delivered(balancer: Balancer, pipes: int) -> int:
     return sum(len(read_records(balancer.records, p)) for p in range(pipes))
 

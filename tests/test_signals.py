@@ -114,8 +114,8 @@ def test_sigterm_while_stderr_is_a_full_pipe_stops_the_balancer(tmp_path: Path) 
 
 
 @pytest.mark.timeout(60)
-def test_sighup_is_logged_and_sigint_stops(tmp_path: Path) -> None:
-    """SIGHUP is logged and changes nothing (the workers live on); SIGINT stops cleanly."""
+def test_sighup_reloads_and_sigint_stops(tmp_path: Path) -> None:
+    """SIGHUP reloads the unchanged file (the workers live on); SIGINT stops cleanly."""
     log_path = tmp_path / "balancer.log"
     with log_path.open("wb") as log:
         process = _start(_config(tmp_path), stdout=log, stderr=subprocess.STDOUT)
@@ -124,7 +124,7 @@ def test_sighup_is_logged_and_sigint_stops(tmp_path: Path) -> None:
         while "worker 0 started" not in log_path.read_text() and time.monotonic() < deadline:
             time.sleep(0.05)
         process.send_signal(signal.SIGHUP)
-        while "SIGHUP received" not in log_path.read_text() and time.monotonic() < deadline:
+        while "reloaded" not in log_path.read_text() and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.3)
         assert process.poll() is None, log_path.read_text()[-3000:]
@@ -135,7 +135,8 @@ def test_sighup_is_logged_and_sigint_stops(tmp_path: Path) -> None:
             process.kill()
             process.wait()
     text = log_path.read_text()
-    assert "SIGHUP received: reloading the configuration is not supported yet" in text
+    assert "SIGHUP received: reloading" in text
+    assert "reloaded: nothing changed" in text
     assert "worker 0 exited" not in text.split("SIGINT received")[0], text[-3000:]
     assert "SIGINT received: stopping" in text
     assert status == 0, text[-3000:]

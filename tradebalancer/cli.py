@@ -2,17 +2,21 @@
 
     tradebalancer [--config FILE] check-config [--require-key] [NAME ...]
     tradebalancer [--config FILE] run NAME
+    tradebalancer [--config FILE] status NAME [--watch] [--interval S] [--json]
+    tradebalancer [--config FILE] reload NAME
     tradebalancer replay [...]            the local replay feed (see ``replay --help``)
 
 Exit codes (documented in README and the man page; the systemd unit depends on them):
-0 ok, 1 bug, 64 usage, 69 kernel TLS or key isolation required but unavailable,
-71 pipes/workers could not be set up, 75 stopped with events no worker read, 77 the feed
-refused the API key, 78 configuration error or no API key.
+0 ok, 1 bug, 64 usage, 69 kernel TLS or key isolation required but unavailable (status and
+reload: the instance is not running or cannot be asked), 71 pipes/workers could not be set up,
+75 stopped with events no worker read, 77 the feed refused the API key, 78 configuration error
+or no API key (reload: refused, the running configuration stays).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shlex
@@ -20,7 +24,20 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import __version__, config, credentials, keyguard, plan, preflight, signals, units
+import orjson
+
+from . import (
+    __version__,
+    config,
+    control,
+    credentials,
+    keyguard,
+    plan,
+    preflight,
+    signals,
+    statusview,
+    units,
+)
 from .errors import ConfigError, ExitCode, TradeBalancerError
 from .replay import cli as replay_cli
 from .routing import balance_warning
@@ -30,9 +47,11 @@ logger = logging.getLogger("tradebalancer")
 
 _EPILOG = """\
 exit codes: 0 ok, 1 internal error, 64 usage,
-69 kernel TLS or key isolation required but unavailable,
+69 kernel TLS or key isolation required but unavailable (status, reload: the
+instance is not running or cannot be asked),
 71 pipes or workers could not be set up, 75 stopped with events no worker read,
-77 the feed refused the API key, 78 configuration error or no API key.
+77 the feed refused the API key, 78 configuration error or no API key (reload: the
+reload was refused and the running configuration stays).
 
 The configuration file is %(default)s unless --config or TRADEBALANCER_CONFIG says otherwise.
 """
@@ -105,6 +124,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("name", metavar="NAME", help="the feed instance: a [feeds.NAME] table")
 
+    status = commands.add_parser(
+        "status",
+        parents=[common],
+        help="show a running instance: state, rates, delay, pipes and workers",
+        description=(
+            "Ask a running instance over its control socket (no metrics listener needed) and "
+            "show its state, URL, TLS path, rates, the delay behind the market, and each pipe "
+            "and worker. Rates are over --interval seconds."
+        ),
+    )
+    status.add_argument("name", metavar="NAME", help="the feed instance")
+    status.add_argument("-w", "--watch", action="store_true", help="refresh until Ctrl-C")
+    status.add_argument(
+        "-n", "--interval", type=_seconds, default=1.0, help="seconds between views (default 1)"
+    )
+    status.add_argument("--json", action="store_true", help="print the raw snapshot once")
+    status.add_argument("--socket", metavar="PATH", help="the control socket (default: found)")
+
+    reload_parser = commands.add_parser(
+        "reload",
+        parents=[common],
+        help="make a running instance read its configuration again (systemctl reload)",
+        description=(
+            "Ask a running instance to read the configuration file again and apply it: "
+            "subscriptions change on the live connection; a change that needs a restart, or "
+            "an invalid file, is refused (exit 78) and the instance runs on unchanged."
+        ),
+    )
+    reload_parser.add_argument("name", metavar="NAME", help="the feed instance")
+    reload_parser.add_argument("--socket", metavar="PATH", help="the control socket")
+
     replay_parser = commands.add_parser(
         "replay",
         help="serve a local replay feed (recorded or synthetic) for demos and tests",
@@ -128,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check_config(args.config, args.names, require_key=args.require_key)
         if args.command == "run":
             return run(args.config, args.name)
+        if args.command in ("status", "reload"):
+            return ask(args)
         return int(replay_cli.run(args))
     except TradeBalancerError as exc:
         sys.stderr.write(f"tradebalancer: {exc}\n")
@@ -195,6 +247,46 @@ def _check_feed(loaded: config.Config, feed: config.FeedConfig, *, require_key: 
             )
 
 
+def ask(args: argparse.Namespace) -> int:
+    """``status`` and ``reload``: ask the running instance over its control socket."""
+    path = args.socket or _control_socket(args.config, args.name)
+    if args.command == "reload":
+        status, body = statusview.ask(path, "POST", "/reload", args.name)
+        (sys.stdout if status == 200 else sys.stderr).write(body.decode(errors="replace"))
+        # 409: refused, the running configuration stays; anything else: not answered as asked
+        codes = {200: ExitCode.OK, 409: ExitCode.CONFIG}
+        return int(codes.get(status, ExitCode.UNAVAILABLE))
+    if args.json:
+        sys.stdout.write(orjson.dumps(statusview.fetch(path, args.name)).decode() + "\n")
+        return int(ExitCode.OK)
+    return statusview.watch(path, args.name, interval=args.interval, repeat=args.watch)
+
+
+def _control_socket(path: str, name: str) -> str:
+    """Where instance ``name`` listens: where the file says, or else where the service's own
+    socket is, /run/tradebalancer/NAME/control (the file may be newer than the instance, or
+    invalid; and a user who is not root is told to use sudo rather than "not running")."""
+    setting = "auto"
+    with contextlib.suppress(ConfigError):
+        setting = config.load(path).feed(name).control_socket
+    found = control.control_path(name, setting, os.environ)
+    service = control.control_path(
+        name, "auto", {"RUNTIME_DIRECTORY": f"/run/tradebalancer/{name}"}
+    )
+    if found is None or (not os.path.exists(found) and service and os.path.lexists(service)):
+        found = service
+    if found is None:
+        raise ConfigError(f"feeds.{name}.control_socket", '"off": this instance has none')
+    return found
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0.05 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be from 0.05 to 3600 seconds, got {text}")
+    return value
+
+
 def run(path: str, name: str) -> int:
     """Run feed ``name`` of the file at ``path`` until it stops; return the exit code."""
     from .service import Service
@@ -215,5 +307,6 @@ def run(path: str, name: str) -> int:
         notifier=Notifier(),
         signals=signals.install(),
         key_file=credentials.api_key_file(feed, os.environ),
+        config_path=os.path.abspath(path),
     )
     return service.run()

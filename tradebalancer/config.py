@@ -32,6 +32,7 @@ from types import MappingProxyType
 from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
+from .address import Address, parse_address
 from .command import CommandTemplate, compile_command
 from .errors import ConfigError
 from .routing import DEFAULT_ROUTE_KEYS
@@ -116,6 +117,10 @@ class FeedConfig:
     backlog_limit: int
     batch_bytes: int
     stats_interval: float
+    delay_warning: float  # seconds behind the feed's timestamps (delay.py); 0: never warn
+    delay_warning_after: float  # ... for this long before the warning
+    metrics: Address | None  # the Prometheus listener (listener.py); None: none
+    control_socket: str  # "auto" (control.py: the runtime directory), "off", or a path
     drain_timeout: float  # on stop: how long the pipes may take to drain into the workers
     route_keys: Mapping[str, str]
     route_key_default: str
@@ -320,6 +325,10 @@ def _feed(name: str, values: _Values, base: Path) -> FeedConfig:
         backlog_limit=read.integer("backlog_limit", 32 << 20, 65536, None, " (bytes)"),
         batch_bytes=read.integer("batch_bytes", 1 << 20, 4096, 256 << 20, " (bytes)"),
         stats_interval=read.number("stats_interval", 5.0),
+        delay_warning=read.number("delay_warning", 5.0, strict=False),
+        delay_warning_after=read.number("delay_warning_after", 10.0, strict=False),
+        metrics=_address(*read.get("metrics", "")),
+        control_socket=_control_socket(*read.get("control_socket", "auto")),
         drain_timeout=read.number("drain_timeout", 10.0, strict=False),
         route_keys=MappingProxyType(route_keys),
         route_key_default=read.string("route_key_default", DEFAULT_ROUTE_KEY, empty=False),
@@ -453,6 +462,24 @@ def _url(value: object, path: str) -> tuple[str, str, int, str, bool]:
     secure = parts.scheme == "wss"
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return url, parts.hostname, port or (443 if secure else 80), target, secure
+
+
+def _address(value: object, path: str) -> Address | None:
+    text = _string(value, path)
+    if not text:
+        return None
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise ConfigError(path, str(exc)) from None
+
+
+def _control_socket(value: object, path: str) -> str:
+    text = _string(value, path, empty=False)
+    check_variables(text, path)
+    if text not in ("auto", "off") and not text.startswith(("/", "${")):
+        raise ConfigError(path, f'must be "auto", "off" or an absolute path, got {text!r}')
+    return text
 
 
 def _valid_host(host: str) -> bool:

@@ -41,6 +41,7 @@ class FeedConnection:
         self.feed: Feed | None = None
         self._failure: TradeBalancerError | None = None  # ended it before the feed's own end
         self._hung_up = False  # the peer's FIN or reset was noticed while paused
+        self.received_bytes = 0  # plaintext read from the transport
         self.tls = "-"  # "kernel", "user", "kernel tx/user rx", "none" once connected
         self.fallback_reason: str | None = None
         logger.debug("connecting to %s:%d", config.host, config.port)
@@ -159,6 +160,7 @@ class FeedConnection:
             if count == 0:
                 feed.receive_eof(now)
             else:
+                self.received_bytes += count
                 feed.receive_data(buffer[:count], now)
                 again = not feed.closed
         messages = feed.messages_received()
@@ -183,6 +185,16 @@ class FeedConnection:
         if self.feed is not None:
             self.feed.pause(paused)
 
+    def resubscribe(self, config: FeedConfig, now: float) -> tuple[list[str], list[str]] | None:
+        """Take a reloaded ``config``'s subscriptions on this connection: (added, removed) as
+        sent to the feed, or None if the new list is to be sent whole (or never: it is over)."""
+        self.config = config
+        if self.feed is None:
+            return None
+        changed = self.feed.resubscribe(config.subscribe, now)
+        self.send_pending()
+        return changed
+
     def send_pending(self) -> None:
         """Hand what the protocol queued to the transport."""
         feed, transport = self.feed, self.transport
@@ -203,7 +215,8 @@ class FeedConnection:
         if failure is not None:
             reason = str(failure) if feed is not None else f"cannot connect: {failure}"
             streamed = feed.streamed(now) if feed is not None else 0.0
-            return Outcome(reason, failure, False, streamed)
+            kind = "connection_lost" if feed is not None else "connect_failed"
+            return Outcome(reason, failure, False, streamed, kind)
         return feed.outcome(now) if feed is not None else None
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ command line can tell "our" failures (a message for the user) from bugs (a trace
      |    +-- KernelTLSUnavailable  tls = "kernel" but the kernel can't take it   -> exit 69
      +-- KeyIsolationUnavailable  key_isolation = "required", no namespaces here -> exit 69
      +-- WorkerError        pipes and worker processes                            -> exit 71
+     +-- ControlError       status, reload: the instance cannot be asked          -> exit 69
 
 The worker library (tradebalancer.reader) has a tree of its own, ReaderError and its
 ProtocolError: it imports nothing from the daemon, this module included.
@@ -84,10 +85,11 @@ EXCERPT_BYTES = 200  # how much of a peer's bad input an error carries for the l
 class FrameError(FeedError):
     """A data frame that is not a JSON array of objects: none of it was routed (split.py)."""
 
-    def __init__(self, reason: str, frame: bytes) -> None:
+    def __init__(self, reason: str, frame: bytes, kind: str = "invalid_json") -> None:
         excerpt = bytes(frame[:EXCERPT_BYTES])
         super().__init__(reason)
         self.reason = reason
+        self.kind = kind  # a label for the metrics: invalid_json, not_an_array, not_an_object
         self.excerpt = excerpt
         self.size = len(frame)
 
@@ -121,6 +123,13 @@ class KernelTLSUnavailable(TransportError):
 
 class KeyIsolationUnavailable(TradeBalancerError):
     """key_isolation = "required" and this kernel gives the workers no namespace of their own."""
+
+    exit_code = ExitCode.UNAVAILABLE
+
+
+class ControlError(TradeBalancerError):
+    """``status`` or ``reload`` could not ask the instance: not running, not ours to ask, or an
+    answer this version cannot read."""
 
     exit_code = ExitCode.UNAVAILABLE
 

@@ -25,6 +25,13 @@ connection: it is logged with the feed's message, the other channels stream on, 
 refused the connection is kept, saying so. ``max_connections`` (another client with the same
 key and cluster took the stream) ends the conversation with a cooldown.
 
+A reload changes the channels on the live connection (``resubscribe``): before the subscribe
+message is sent the new list simply replaces the old; after it, the added channels are
+subscribed first and the removed ones unsubscribed second, in two messages, so that a change
+such as T.AAPL -> T.* misses no AAPL trade in between. The added channels' confirmations are
+awaited as at the start (a deadline, then a warning while data flows), refusals are
+per channel, and ``unsubscribed to: ...`` answers are logged.
+
 Every step of the handshake has a deadline, ``handshake_timeout`` after the step before it (the
 upgrade, the greeting, the auth reply, the confirmations); past it the conversation ends,
 saying which step and what was awaited, unless data already flows, which only a missing
@@ -69,6 +76,7 @@ class Outcome:
     error: TradeBalancerError | None  # what ended it; None: we closed it ourselves
     cooldown: bool  # max_connections: wait max_connections_cooldown before reconnecting
     streamed: float  # seconds it streamed (0: it never got there)
+    kind: str = "closed"  # why, as a label: feed_closed, handshake_timeout, connect_failed, ...
 
 
 class Feed:
@@ -104,6 +112,7 @@ class Feed:
         self._protocol.send_request(request)
         self.phase = Phase.UPGRADING
         self._error: FeedError | None = None
+        self._kind = ""  # why it ended, as a metrics label (Outcome.kind)
         self._cooldown = False  # after max_connections: reconnect only after a long wait
         self._streaming_since: float | None = None
         self._messages: list[bytes] = []
@@ -133,10 +142,10 @@ class Feed:
         self._protocol.receive_eof()
         if isinstance(self._protocol.parser_exc, EOFError):
             where = "in the middle of a message" if cut else "without a close frame"
-            self._close(FeedError(f"the feed closed the connection {where}"))
+            self._close(FeedError(f"the feed closed the connection {where}"), "feed_closed")
             return
         self._process(now)
-        self._close(FeedError(self._closed_reason("the feed closed the connection")))
+        self._close(FeedError(self._closed_reason("the feed closed the connection")), "feed_closed")
 
     def receive_status(self, event: bytes, now: float) -> None:
         """Handle one status event (a JSON object) that arrived inside a data frame."""
@@ -147,6 +156,31 @@ class Feed:
             return
         if isinstance(parsed, dict):
             self._handle_status(parsed, now)
+
+    def resubscribe(
+        self, channels: Sequence[str], now: float
+    ) -> tuple[list[str], list[str]] | None:
+        """Change the subscriptions to ``channels``; return (added, removed) as sent, or None
+        when nothing is sent: before the handshake reaches the subscription (which will carry
+        the new list whole), and once the conversation is over."""
+        if self.phase is Phase.CLOSED:
+            return None
+        if self.phase in (Phase.UPGRADING, Phase.CONNECTING, Phase.AUTHENTICATING):
+            self.subscriptions = Subscriptions(channels)
+            return None
+        added, removed = self.subscriptions.change(channels)
+        if added:
+            logger.info("subscribing to %s", ",".join(added))
+            self._send_text(orjson.dumps({"action": "subscribe", "params": ",".join(added)}))
+            self._deadline = now + self._handshake_timeout  # for their confirmations
+        if removed:
+            logger.info("unsubscribing from %s", ",".join(removed))
+            self._send_text(orjson.dumps({"action": "unsubscribe", "params": ",".join(removed)}))
+        if self.subscriptions.settled:
+            self._deadline = None  # the channels still awaited were all removed
+            if self.phase is Phase.SUBSCRIBING and self.subscriptions.confirmed:
+                self._start_streaming(now)
+        return added, removed
 
     # -- output ------------------------------------------------------------------------------
 
@@ -179,7 +213,7 @@ class Feed:
             return None
         error = self._error
         reason = str(error) if error is not None else "closed"
-        return Outcome(reason, error, self._cooldown, self.streamed(now))
+        return Outcome(reason, error, self._cooldown, self.streamed(now), self._kind)
 
     def pause(self, paused: bool) -> None:
         """The service stopped (or went back to) reading the socket: pongs cannot arrive."""
@@ -205,6 +239,7 @@ class Feed:
                 self._fail(
                     CloseCode.INTERNAL_ERROR,
                     f"no pong within {self._ping_timeout:g} s: the feed or the network is down",
+                    kind="ping_timeout",
                 )
             return
         if now - self._last_ping_at >= self._ping_interval:
@@ -232,7 +267,7 @@ class Feed:
         """Start a clean websocket close (going away), e.g. on shutdown."""
         if self._protocol.state is State.OPEN:
             self._protocol.send_close(CloseCode.GOING_AWAY, "client shutting down")
-        self._close(None)
+        self._close(None, "closed")
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -247,11 +282,14 @@ class Feed:
         exc = self._protocol.parser_exc
         if exc is not None:
             hint = "; raise max_message_size" if isinstance(exc, PayloadTooBig) else ""
-            self._close(FeedError(f"websocket protocol error from the feed: {exc}{hint}"))
+            error = FeedError(f"websocket protocol error from the feed: {exc}{hint}")
+            self._close(error, "protocol_error")
         elif self._protocol.close_rcvd is not None or self._protocol.state is State.CLOSED:
             # A client waits for the server's FIN after the close handshake (RFC 6455 7.1.1);
             # the service closes the socket itself, so the conversation is over here.
-            self._close(FeedError(self._closed_reason("the feed closed the websocket")))
+            self._close(
+                FeedError(self._closed_reason("the feed closed the websocket")), "feed_closed"
+            )
 
     def _receive_response(self, now: float) -> None:
         exc = self._protocol.handshake_exc
@@ -259,7 +297,7 @@ class Feed:
             detail = str(exc)
             if isinstance(exc, InvalidHandshake) and "401" in detail:
                 detail += " (check the URL: the feed refused the upgrade)"
-            self._close(FeedError(f"websocket upgrade refused: {detail}"))
+            self._close(FeedError(f"websocket upgrade refused: {detail}"), "upgrade_refused")
             return
         self.phase = Phase.CONNECTING
         self._deadline = now + self._handshake_timeout
@@ -319,6 +357,9 @@ class Feed:
         elif action is Action.CONFIRM:
             for channel in self.subscriptions.confirm(text):
                 logger.info("subscription confirmed: %s", channel)
+        elif action is Action.UNSUBSCRIBED:
+            for channel in self.subscriptions.unsubscribed(text):
+                logger.info("unsubscribed from %s", channel)
         elif action is Action.REFUSE_CHANNEL:
             self._refuse_channel(text)
         elif action is Action.REFUSE_KEY:
@@ -329,6 +370,7 @@ class Feed:
                     f"the feed refused the API key ({text or 'auth_failed'}): put a valid key "
                     "in the credential file or the environment and start again"
                 ),
+                "auth_failed",
             )
         elif action is Action.COOL_DOWN:
             self._cooldown = True
@@ -341,6 +383,7 @@ class Feed:
                     "the stream (the feed allows one connection per key and cluster); stop the "
                     "other client or give this feed a key of its own"
                 ),
+                "max_connections",
             )
         elif action is Action.FAIL:
             self._fail(CloseCode.NORMAL_CLOSURE, f"feed status {status}: {text}")
@@ -405,6 +448,7 @@ class Feed:
             CloseCode.POLICY_VIOLATION,
             f"{awaited} did not come within {self._handshake_timeout:g} s (handshake_timeout) "
             f"while {self.phase.value}: the feed, or a proxy in between, does not answer",
+            kind="handshake_timeout",
         )
 
     def _send_text(self, message: bytes) -> None:
@@ -413,17 +457,24 @@ class Feed:
         if self._protocol.state is State.OPEN:
             self._protocol.send_text(message)
 
-    def _fail(self, code: int, reason: str | None, error: FeedError | None = None) -> None:
+    def _fail(
+        self,
+        code: int,
+        reason: str | None,
+        error: FeedError | None = None,
+        kind: str = "feed_error",
+    ) -> None:
         if error is None:
             error = FeedError(reason or "feed failure")
         if self._protocol.state is State.OPEN:
             self._protocol.send_close(code, "")
-        self._close(error)
+        self._close(error, kind)
 
-    def _close(self, error: FeedError | None) -> None:
+    def _close(self, error: FeedError | None, kind: str) -> None:
         if self.phase is not Phase.CLOSED:
             self.phase = Phase.CLOSED
             self._error = error
+            self._kind = kind
 
     def _closed_reason(self, what: str) -> str:
         rcvd = self._protocol.close_rcvd

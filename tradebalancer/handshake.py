@@ -39,6 +39,7 @@ class Meaning(enum.Enum):
     AUTH_OK = "the key accepted"  # "auth_success", "authenticated", "success": "authenticated"
     AUTH_FAILED = "the key refused"  # "auth_failed"
     CONFIRMED = "a subscription confirmed"  # "success": "subscribed to: ..."
+    UNSUBSCRIBED = "an unsubscription confirmed"  # "success": "unsubscribed to: ..."
     ERROR = "an error"  # "error"
     MAX_CONNECTIONS = "another client took the stream"  # "max_connections"
     AUTH_TIMEOUT = "auth came too late"  # "auth_timeout"
@@ -54,6 +55,8 @@ def meaning(phase: Phase, status: object, message: str) -> Meaning:
             return Meaning.AUTH_OK
         if message.strip().casefold().startswith("subscribed to"):
             return Meaning.CONFIRMED
+        if message.strip().casefold().startswith("unsubscribed to"):
+            return Meaning.UNSUBSCRIBED
         return Meaning.OTHER
     return _MEANINGS.get(status if isinstance(status, str) else "", Meaning.OTHER)
 
@@ -75,6 +78,7 @@ class Action(enum.Enum):
     AUTHENTICATE = "send the auth message"
     SUBSCRIBE = "send the subscribe message"
     CONFIRM = "note the channels confirmed; stream once all are answered"
+    UNSUBSCRIBED = "note the channels left (a reload removed them)"
     REFUSE_CHANNEL = "note the channel refused, log it; the others go on"
     REFUSE_KEY = "close: the API key was refused (no retry)"
     COOL_DOWN = "close: another client took the stream over (wait long)"
@@ -92,6 +96,8 @@ HANDSHAKE: Mapping[tuple[Phase | None, Meaning], tuple[Action, Phase]] = Mapping
         (Phase.AUTHENTICATING, Meaning.AUTH_OK): (Action.SUBSCRIBE, Phase.SUBSCRIBING),
         (Phase.SUBSCRIBING, Meaning.CONFIRMED): (Action.CONFIRM, Phase.SUBSCRIBING),
         (Phase.STREAMING, Meaning.CONFIRMED): (Action.CONFIRM, Phase.STREAMING),
+        (Phase.SUBSCRIBING, Meaning.UNSUBSCRIBED): (Action.UNSUBSCRIBED, Phase.SUBSCRIBING),
+        (Phase.STREAMING, Meaning.UNSUBSCRIBED): (Action.UNSUBSCRIBED, Phase.STREAMING),
         (Phase.SUBSCRIBING, Meaning.ERROR): (Action.REFUSE_CHANNEL, Phase.SUBSCRIBING),
         (Phase.STREAMING, Meaning.ERROR): (Action.REFUSE_CHANNEL, Phase.STREAMING),
         (ANY, Meaning.ERROR): (Action.FAIL, Phase.CLOSED),

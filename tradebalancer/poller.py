@@ -79,6 +79,20 @@ class Poller:
             self._unregister(pipe.write_fd)
             self._pipes.discard(pipe.index)
 
+    def watch_fd(self, fd: int, tag: object, *, write: bool = False) -> None:
+        """Watch another fd (a listener, a client) for reading, or for writing; ``tag`` comes
+        back from ``select``."""
+        mask = select.EPOLLOUT if write else select.EPOLLIN
+        if fd in self._tags:
+            self._epoll.modify(fd, mask)
+            self._tags[fd] = tag
+        else:
+            self._register(fd, mask, tag)
+
+    def unwatch_fd(self, fd: int) -> None:
+        """Stop watching an fd given to ``watch_fd`` (before it is closed)."""
+        self._unregister(fd)
+
     def select(self, timeout: float) -> list[Ready]:
         """Wait up to ``timeout`` seconds; return (tag, events, hang-up) for every ready fd."""
         ready = []

@@ -5,10 +5,16 @@ Owns the order of things and nothing of their insides. One thread, one epoll sel
     socket readable -> FeedConnection.receive into one big buffer (a *batch*): messages
         -> Forwarder.forward: events on their pipes, one write per pipe per batch
     pipe writable   -> flush that pipe's backlog
-    signals         -> a wakeup fd (signals.py): SIGTERM/SIGINT stop, SIGHUP is logged,
+    signals         -> a wakeup fd (signals.py): SIGTERM/SIGINT stop, SIGHUP reloads,
                        SIGCHLD reaps workers; acted on at the top of every turn
+    endpoints       -> the control socket and the metrics listener (control.py): status,
+                       reload and metrics requests, answered from the loop
     timers          -> the connection's (connect timeout, keepalive), reconnect, worker
                        respawn, stats/STATUS, READY, watchdog
+
+A reload (SIGHUP, or ``tradebalancer reload`` over the control socket, which is what
+``systemctl reload`` runs) reads the file again and applies what reload.py allows to the
+running instance, or nothing; the subscriptions change on the live connection.
 
 Connect and disconnect are decided in one place, at the end of every turn (``_settle``): an
 attempt that is over says why (``FeedConnection.outcome``), and the reconnect policy
@@ -26,12 +32,15 @@ import signal
 import time
 from collections.abc import Callable, Mapping
 
-from . import delivery, keyguard
+from . import config as configuration
+from . import delivery, keyguard, metrics, reload
 from .backoff import Backoff
 from .config import FeedConfig
 from .connection import FeedConnection
-from .errors import AuthError, ExitCode, KernelTLSUnavailable, TradeBalancerError
+from .control import Endpoints
+from .errors import AuthError, ConfigError, ExitCode, KernelTLSUnavailable, TradeBalancerError
 from .forward import Forwarder
+from .listener import Client, Listener
 from .pipes import Pipe, PipeSet, pipe_max_size
 from .plan import plan_workers
 from .poller import CONNECTION, WAKEUP, Poller
@@ -62,12 +71,16 @@ class Service:
         environ: Mapping[str, str] | None = None,
         signals: Signals | None = None,
         key_file: str | None = None,
+        config_path: str | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.config = feed
+        self.config_path = config_path  # read again on reload
         self._api_key = api_key
         self._key_file = key_file  # where the key was read from: hidden from the workers
         self.notifier = notifier or Notifier({})
         self.clock = clock
+        self.wall = wall
         self.backoff = Backoff(feed.reconnect, rng or random.Random())
         self.environ = dict(os.environ if environ is None else environ)
         self.signals = signals
@@ -78,6 +91,9 @@ class Service:
         self.forwarder: Forwarder | None = None
         self.connection: FeedConnection | None = None
         self.poller = Poller()
+        self.endpoints = Endpoints(self.poller)
+        self._received_bytes = 0  # by the connections that are over
+        self._reload_due = False
         self._buffer = memoryview(bytearray(feed.batch_bytes))
         self._stopping = False
         self._reap_needed = False
@@ -98,8 +114,9 @@ class Service:
             self.poller.watch_wakeup(self.signals.fileno())
             self._handle_signals()
             self._start_workers()
+            self._open_endpoints()
             now = self.clock()
-            self.stats.started_at = now
+            self.stats.started_at, self.stats.started_wall = now, self.wall()
             self._reconnect_at = now  # the first attempt, made by the first turn
             self.status = StatusReporter(self.notifier, self.stats, self.config.stats_interval, now)
             self._loop()
@@ -125,10 +142,7 @@ class Service:
             if signum is signal.SIGCHLD:
                 self._reap_needed = True
             elif signum is signal.SIGHUP:
-                logger.warning(
-                    "SIGHUP received: reloading the configuration is not supported yet; "
-                    "nothing changed (restart the service to apply a new configuration)"
-                )
+                self._reload_due = True  # in the turn, not in the middle of draining signals
             elif not self._stopping:
                 logger.info("%s received: stopping", signum.name)
                 self._stopping = True
@@ -141,7 +155,9 @@ class Service:
         size = pipe_max_size() if largest else int(config.pipe_size)
         self.pipes = PipeSet.open(config.pipes, size, largest=largest, feed=config.name)
         owners = {pipe: plan.index for plan in plans for pipe in plan.pipes}
-        self.forwarder = Forwarder(config, self.pipes, self.stats, owners)
+        self.forwarder = Forwarder(
+            config, self.pipes, self.stats, owners, clock=self.clock, wall=self.wall
+        )
         read_fds = [pipe.read_fd for pipe in self.pipes]
         self.pool = WorkerPool.from_plans(plans, read_fds, config, cover)
         self.pool.spawn_all(self.clock())
@@ -155,6 +171,10 @@ class Service:
             self._handle_signals()
             if self._stopping:
                 return
+            if self._reload_due:
+                self._reload_due = False
+                logger.info("SIGHUP received: reloading %s", self.config_path)
+                self.reload(self.clock())
             timeout = 0.0 if self._more_to_read else self._timeout(self.clock())
             events = select(timeout)
             self._more_to_read = False
@@ -164,8 +184,11 @@ class Service:
                     self._serve_feed(mask, hangup, now)
                 elif tag is WAKEUP:
                     self._handle_signals(woken=True)
-                elif isinstance(tag, Pipe) and self.pipes.flush(tag) == 0:
-                    self.poller.unwatch_pipe(tag)
+                elif isinstance(tag, Pipe):
+                    if self.pipes.flush(tag) == 0:
+                        self.poller.unwatch_pipe(tag)
+                elif isinstance(tag, Listener | Client):
+                    self.endpoints.serve(tag, now)
             now = self.clock()
             self._run_timers(now)
             self._settle(now)
@@ -202,6 +225,8 @@ class Service:
             deadlines.append(deadline)
         if self.pool is not None and (deadline := self.pool.next_deadline()) is not None:
             deadlines.append(deadline)
+        if (deadline := self.endpoints.deadline()) is not None:
+            deadlines.append(deadline)
         return max(0.0, min(deadlines, default=now + 1.0) - now)
 
     def _run_timers(self, now: float) -> None:
@@ -213,6 +238,7 @@ class Service:
             self.stats.worker_restarts += pool.respawn_due(now)
         if connection is not None:
             connection.tick(now)
+        self.endpoints.tick(now)
         if self.status is not None and self.forwarder is not None:
             self.status.tick(now, self.forwarder.account)
 
@@ -239,6 +265,7 @@ class Service:
             self._drop_connection()
             if isinstance(outcome.error, AuthError | KernelTLSUnavailable):
                 raise outcome.error
+            self.stats.count(self.stats.reconnect_kinds, outcome.kind)
             healthy = outcome.streamed >= self.config.reconnect.healthy_after
             self._schedule_reconnect(outcome.reason, now, outcome.cooldown, healthy)
         elif self._reconnect_at is not None and now >= self._reconnect_at:
@@ -263,9 +290,82 @@ class Service:
 
     def _drop_connection(self) -> None:
         if self.connection is not None:
+            self._received_bytes += self.connection.received_bytes
             self.connection.close()
             self.connection = None
         self.poller.watch_connection(None, 0)
+
+    # -- reload, status and metrics: what the endpoints ask ---------------------------------
+
+    def reload(self, now: float) -> tuple[bool, str]:
+        """Read the configuration file again and apply it (reload.py), or nothing; say which.
+
+        The service manager hears RELOADING=1 first and READY=1 after, whatever the result;
+        before the start's own READY=1 it hears nothing (READY then still means "started").
+        """
+        ready = self.status is not None and self.status.ready
+        if ready:
+            self.notifier.reloading(time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
+        try:
+            result, message = self._reload(now)
+        finally:
+            if ready:
+                self.notifier.ready(self.stats.status_line(self.stats.rates(now)))
+        self.stats.count(self.stats.reloads, result)
+        ok = result == "applied"
+        (logger.info if ok else logger.error)("%s", message)
+        return ok, message
+
+    def _reload(self, now: float) -> tuple[str, str]:
+        """(result, what to say): "applied", "invalid" (the file) or "refused" (a restart key)."""
+        if self.config_path is None:
+            return "invalid", "reload refused: this instance was started without a file"
+        try:
+            loaded = configuration.load(self.config_path).feed(self.config.name)
+        except ConfigError as exc:
+            return "invalid", f"reload refused, the running configuration stays: {exc}"
+        change = reload.compare(self.config, loaded)
+        if change.restart:
+            return "refused", change.refusal()
+        self.config = change.apply(self.config, loaded)
+        if self.forwarder is not None:
+            self.forwarder.reconfigure(self.config)
+        if self.status is not None:
+            self.status.retime(self.config.stats_interval, now)
+        summary = change.summary()
+        if self.connection is not None:
+            sent = self.connection.resubscribe(self.config, now)
+            if change.subscribes and sent == ([], []):
+                summary += " (a change of case only: sent at the next connection)"
+        return "applied", summary
+
+    def snapshot(self, now: float) -> metrics.Snapshot:
+        """The instance's numbers now (metrics.py), for the status view and the metrics."""
+        connection = self.connection
+        return metrics.gather(
+            self.config,
+            self.stats,
+            self.forwarder,
+            self.pipes,
+            self.pool,
+            received_bytes=self._received_bytes + (connection.received_bytes if connection else 0),
+            now=now,
+        )
+
+    def _open_endpoints(self) -> None:
+        try:
+            self.endpoints.open(
+                self.config,
+                self.environ,
+                reload=lambda: self.reload(self.clock()),
+                snapshot=lambda: self.snapshot(self.clock()),
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"feeds.{self.config.name}.metrics",
+                f"cannot listen on {self.config.metrics}: {exc.strerror or exc}; choose another "
+                "address, or stop what listens there",
+            ) from exc
 
     # -- shutdown --------------------------------------------------------------------------
 
@@ -276,6 +376,7 @@ class Service:
         backlog = self.pipes.backlog_bytes
         self.notifier.stopping(f"stopping: flushing {format_size(backlog)} to the workers")
         self._drop_connection()
+        self.endpoints.close()
         pool, drain = self.pool, self.config.drain_timeout
         if pool is not None:
             pool.cancel_respawns()

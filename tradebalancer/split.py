@@ -444,13 +444,17 @@ class Splitter:
     ) -> int:
         """Route a frame parsed as ``items`` exactly, or raise FrameError, appending nothing."""
         if not isinstance(items, list):
-            raise FrameError(f"{_describe(items)}, not an array", frame)
+            raise FrameError(f"{_describe(items)}, not an array", frame, "not_an_array")
         for index, item in enumerate(items):
             if not isinstance(item, dict):
-                raise FrameError(f"element {index} is {_describe(item)}, not an object", frame)
+                raise FrameError(
+                    f"element {index} is {_describe(item)}, not an object", frame, "not_an_object"
+                )
         spans = object_spans(frame)
         if len(spans) != len(items):  # cannot happen for valid JSON; never forward a guess
-            raise FrameError(f"found {len(spans)} objects, the parser {len(items)}", frame)
+            raise FrameError(
+                f"found {len(spans)} objects, the parser {len(items)}", frame, "parse_mismatch"
+            )
         routes: list[tuple[int, bytes]] = []
         statuses: list[bytes] = []
         unkeyed = refused = 0

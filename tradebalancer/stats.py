@@ -26,6 +26,8 @@ class Stats:
     unkeyed_events: int = 0
     refused_events: int = 0  # too long for the pipe format: never written
     reconnects: int = 0
+    reconnect_kinds: dict[str, int] = field(default_factory=dict)  # Outcome.kind -> count
+    reloads: dict[str, int] = field(default_factory=dict)  # applied, refused, invalid
     worker_restarts: int = 0
     backpressure_episodes: int = 0
     largest_backlog: int = 0
@@ -35,7 +37,12 @@ class Stats:
     tls: str = "-"  # e.g. "kernel", "user", "kernel tx/user rx", "none"
     refused_channels: tuple[str, ...] = ()  # the subscriptions the feed refused
     started_at: float | None = None  # when counting began: the first rates run from there
+    started_wall: float = 0.0  # the same moment in seconds since the epoch
     _last: dict[str, float] = field(default_factory=dict, repr=False)
+
+    def count(self, table: dict[str, int], key: str) -> None:
+        """Add one to ``table[key]`` (reconnects by kind, reloads by result)."""
+        table[key] = table.get(key, 0) + 1
 
     def rates(self, now: float) -> dict[str, float]:
         """Return per-second rates since the previous call (the first call: since the start).

@@ -40,6 +40,16 @@ class StatusReporter:
         watchdog = notifier.watchdog_interval
         self._next_watchdog: float | None = now if watchdog else None
 
+    @property
+    def ready(self) -> bool:
+        """READY=1 was sent."""
+        return self._ready_by is None
+
+    def retime(self, interval: float, now: float) -> None:
+        """A reloaded stats interval: the next line is due ``interval`` from now at the latest."""
+        self.interval = interval
+        self._next_stats = min(self._next_stats, now + interval)
+
     def deadline(self) -> float:
         """When ``tick`` next has something to send."""
         timers = (self._next_stats, self._ready_by, self._next_watchdog)

@@ -57,6 +57,11 @@ class Notifier:
         """Pet the watchdog: the event loop is making progress."""
         self._send("WATCHDOG=1")
 
+    def reloading(self, monotonic_usec: int) -> None:
+        """RELOADING=1: a reload began (READY=1 ends it); MONOTONIC_USEC as systemd 253+
+        requires for Type=notify-reload, harmless to older ones."""
+        self._send(f"RELOADING=1\nMONOTONIC_USEC={monotonic_usec}")
+
     def stopping(self, status: str) -> None:
         """Tell the manager shutdown has begun (STOPPING=1)."""
         self._send(f"STOPPING=1\nSTATUS={status}")

@@ -69,6 +69,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--max-batch", type=int, default=d.max_batch, metavar="N", help=_MAX_BATCH_HELP)
     add("--disconnect-after", type=int, metavar="N", help=_DISCONNECT_HELP)
     add("--timestamps", action="store_true", help=_TIMESTAMPS_HELP)
+    add("--delay", type=float, metavar="S", help=_DELAY_HELP)
     add("--fragment", action="store_true", help="send each message as three frames")
     add("--binary", action="store_true", help="send data messages as binary frames")
     add("--record-to", metavar="FILE", help=_RECORD_HELP)
@@ -83,6 +84,10 @@ _MAX_BATCH_HELP = f"synthetic: most events a frame, up to {MAX_BATCH} (default: 
 _PING_HELP = "seconds between websocket pings, 0 for none (default: %(default)s)"
 _DISCONNECT_HELP = "cut the first connection mid-frame after about N events (reconnect tests)"
 _TIMESTAMPS_HELP = 'end each frame\'s last event with "lt": CLOCK_MONOTONIC ns (use with --rate)'
+_DELAY_HELP = (
+    'set each frame\'s last "t" to the wall clock minus S seconds, as a feed S seconds behind '
+    "the market (default: the recorded timestamps)"
+)
 _RECORD_HELP = (
     "write the source (default: 100,000 synthetic trades) to a recording and exit; "
     "gzip if FILE ends in .gz"
@@ -109,6 +114,7 @@ def options_from(args: argparse.Namespace) -> ReplayOptions:
         max_batch=args.max_batch,
         disconnect_after=args.disconnect_after,
         timestamps=args.timestamps,
+        delay=args.delay,
         fragment=args.fragment,
         binary=args.binary,
     )
@@ -121,6 +127,8 @@ def check(args: argparse.Namespace) -> None:
     """
     if args.rate is not None and not (math.isfinite(args.rate) and args.rate > 0):
         _refuse("--rate", "must be a positive number of events per second", args.rate)
+    if args.delay is not None and not (math.isfinite(args.delay) and args.delay >= 0):
+        _refuse("--delay", "must be a number of seconds, 0 or more", args.delay)
     for name in ("events", "disconnect_after"):
         if (value := getattr(args, name)) is not None and value < 1:
             _refuse(f"--{name.replace('_', '-')}", "must be a positive integer", value)

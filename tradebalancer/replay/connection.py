@@ -23,6 +23,9 @@ Design notes:
   goes to the socket. CLOCK_MONOTONIC is shared by the processes of one machine, so a
   worker's ``time.monotonic_ns() - lt`` is the time from the replay's send to the worker. It
   is meaningful only with ``rate``: unpaced, frames wait in socket buffers.
+* The delay behind the market: with ``delay``, the last event's ``"t"`` of each frame becomes
+  the wall clock minus that many seconds (in ms), written as the frame is sent: what the
+  balancer's delay histogram and warning measure (the recorded timestamps are years old).
 
 It touches only the one socket the server (``server.py``) accepted for it, and takes its data
 frames from the stream all connections share (``stream.py``); it never listens or accepts, and
@@ -47,7 +50,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from .options import ReplayOptions, ReplayStats
-from .stream import AUTH_FAILED, AUTH_SUCCESS, CONNECTED, Stream, frame_header, status
+from .stream import AUTH_FAILED, AUTH_SUCCESS, CONNECTED, Stream, frame_header, restamp, status
 
 logger = logging.getLogger(__name__)
 _protocol_logger = logging.getLogger(f"{__name__}.websocket")  # websockets logs here
@@ -107,6 +110,7 @@ class Connection:
         self.ping_sent_at = 0.0
         self.ping_serial = 0
         self.subscriptions: set[str] = set()
+        self.number = stats.connections  # the server counted it as it accepted
         self.started_at = 0.0
         self.events = 0  # sent on this connection, for the rate
 
@@ -282,6 +286,7 @@ class Connection:
             if self.phase is Phase.AUTH:
                 self.protocol.send_text(status("error", "not authorized"))
                 return
+            self.stats.subscription_actions.append((self.number, action, params))
             for param in filter(None, (p.strip() for p in params.split(","))):
                 if action == "subscribe":
                     self.subscriptions.add(param)
@@ -330,6 +335,8 @@ class Connection:
                 self.shut_down_pending = self.abrupt = True
                 logger.info("%s: cutting the connection mid-frame as asked", self.peer)
                 break
+            if options.delay is not None:
+                frame = restamp(frame, time.time() - options.delay)
             if options.timestamps and frame.endswith(b"}]"):
                 frame = b'%s,"lt":%d}]' % (frame[:-2], time.monotonic_ns())
             if options.fragment and len(frame) >= 3:

@@ -7,7 +7,7 @@ and checks them, ``server.py`` and the parts it builds read them.
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import synth
 
@@ -35,6 +35,7 @@ class ReplayOptions:
     pool_events: int = 200_000  # synthetic trades generated when ``events`` is None
     disconnect_after: int | None = None  # cut one connection mid-frame after about N events
     timestamps: bool = False  # add "lt" to the last event of each frame
+    delay: float | None = None  # stamp the last event's "t" with the wall clock minus this
     fragment: bool = False  # send each data message as three frames (RFC 6455 5.4)
     binary: bool = False  # send data messages as binary instead of text
     keep_sent: bool = False  # keep every frame sent in ReplayServer.sent_frames (tests)
@@ -53,3 +54,5 @@ class ReplayStats:
     pongs_received: int = 0
     forced_disconnects: int = 0
     clean_closes: int = 0
+    # every subscribe and unsubscribe message, in order: (connection number, action, params)
+    subscription_actions: list[tuple[int, str, str]] = field(default_factory=list)

@@ -49,6 +49,20 @@ def frame_header(length: int, opcode: int = 0x1, fin: bool = True) -> bytes:
     return bytes((first, 127)) + length.to_bytes(8, "big")
 
 
+def restamp(frame: bytes, seconds: float) -> bytes:
+    """``frame`` with its last event's ``"t"`` set to ``seconds`` since the epoch, in ms."""
+    at = frame.rfind(b'"t":')
+    if at < 0:
+        return frame
+    start = end = at + 4
+    while end < len(frame) and frame[end] in _DIGITS:
+        end += 1
+    return b"%s%d%s" % (frame[:start], int(seconds * 1000), frame[end:])
+
+
+_DIGITS = frozenset(b"0123456789")
+
+
 def status(kind: str, message: str) -> bytes:
     """Return one status message, e.g. ``[{"ev":"status","status":"success",...}]``."""
     return orjson.dumps([{"ev": "status", "status": kind, "message": message}])

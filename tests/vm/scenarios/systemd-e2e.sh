@@ -261,6 +261,34 @@ record watchdog_timeout_logged "$(journal_has "$since" "Watchdog timeout" && ech
 rm -r "$dropin"
 systemctl daemon-reload
 
+# -- 6b. reload and status: subscriptions change on the live connection; a restart key is refused
+step "reload"
+cp /etc/tradebalancer.toml "$out/config-before-reload.toml"
+pid=$(prop MainPID)
+record reload_pid_before "$pid"
+since=$(date +%s)
+sed -i '0,/^subscribe = \["T\.\*"\]$/s//subscribe = ["T.*", "Q.AAPL"]/' /etc/tradebalancer.toml
+systemctl reload "$unit" >"$out/reload.txt" 2>&1
+record reload_status $?
+wait_for 30 journal_has "$since" "subscription confirmed: Q.AAPL"
+record reload_confirmed $?
+record reload_logged "$(journal_has "$since" "reloaded: feeds.feed.subscribe [T.*] -> [T.*, Q.AAPL]" && echo yes || echo no)"
+record reload_job_logged "$(journal_has "$since" "Reloaded tradebalancer" && echo yes || echo no)"
+# A key that needs a restart: `systemctl reload` fails, saying which, and nothing changes.
+sed -i "0,/^pipes = $PIPES\$/s//pipes = $((PIPES + 2))/" /etc/tradebalancer.toml
+systemctl reload "$unit" >"$out/reload-refused.txt" 2>&1
+record reload_refused_status $?
+record reload_refused_logged "$(journal_has "$since" "feeds.feed.pipes ($PIPES -> $((PIPES + 2)))" && echo yes || echo no)"
+record reload_active "$(systemctl is-active "$unit")"
+record reload_pid_after "$(prop MainPID)"
+cp "$out/config-before-reload.toml" /etc/tradebalancer.toml
+# The status view, from the installed command, over the control socket.
+tradebalancer status feed >"$out/status-view.txt" 2>&1
+record status_view_status $?
+record status_view_state "$(sed -n 's/^  state *//p' "$out/status-view.txt")"
+record status_view_subscribed "$(sed -n 's/^  subscribed *//p' "$out/status-view.txt")"
+record control_socket_mode "$(stat -c %a "/run/tradebalancer/feed/control" 2>&1)"
+
 # -- 7. upgrade: the running instance is restarted on the new code -----------------------------
 step "upgrade to $DEB2"
 # Enabled, so that the purge has an enable link to remove.
