@@ -315,11 +315,13 @@ def test_the_unit_is_active_after_ready_with_its_status_line(scenario: Scenario)
     check(
         scenario, "systemctl start took (s)", seconds, seconds < START_TIMEOUT, f"< {START_TIMEOUT}"
     )
-    # Right after READY, in whatever state the instance is by then; later, while the endless
-    # replay streams, at a non-zero rate.
+    # Right after READY, in whatever state the instance is by then: the 30,000-event replay may
+    # already be over (it takes 0.6 s in the Debian 13 guest), the instance reconnecting with
+    # no TLS session ("TLS -"). Later, while the endless replay streams, over kernel TLS at a
+    # non-zero rate.
     url = re.escape(FEED_URL)
     for name, pattern in (
-        ("start_status_line", rf'"\w+: {url} TLS kernel; [\d,]+ ev/s, .*"'),
+        ("start_status_line", rf'"\w+: {url} TLS (kernel|-); [\d,]+ ev/s, .*"'),
         ("streaming_status_line", rf'"streaming: {url} TLS kernel; [1-9][\d,]* ev/s, .*"'),
     ):
         line = scenario.value(name)
