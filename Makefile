@@ -1,24 +1,29 @@
 # tradebalancer: `make demo` and `make test` do all the set-up on a fresh Debian 12 machine.
 
 PYTHON ?= python3
+# The Debian release `make deb` builds for: bookworm (Debian 12) or trixie (Debian 13).
+DIST ?= bookworm
 VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Debian packages the build, the tests and the VM test need (installed once, only if missing).
+# xz-utils unpacks Debian 13's kernel modules for the VM image; apt-utils (apt-ftparchive),
+# gnupg and gpgv make and check the signed apt repository.
 # prometheus: tests/test_prometheus.py runs its own server and promtool on a private port and
 # directory; the system service the package may start is never used.
 APT_PACKAGES := python3 python3-venv python3-dev gcc libcap-dev \
-	qemu-system-x86 qemu-utils debootstrap \
+	qemu-system-x86 qemu-utils debootstrap xz-utils \
 	debhelper dpkg-dev fakeroot lintian openssl ca-certificates systemd e2fsprogs debian-archive-keyring \
-	prometheus
+	apt-utils gnupg gpgv prometheus
 
-.PHONY: all deps venv demo test check lint typecheck unit e2e bench deb reader-wheel clean
+.PHONY: all deps venv demo test check lint typecheck unit e2e bench deb repo reader-wheel clean
 
 all: test
 
 deps: $(VENV)/.deps-stamp
-$(VENV)/.deps-stamp:
+# Checked again when this file changes (a package added to APT_PACKAGES).
+$(VENV)/.deps-stamp: Makefile
 	@missing=$$(for p in $(APT_PACKAGES); do \
 		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -31,7 +36,7 @@ $(VENV)/.deps-stamp:
 venv: $(VENV)/.venv-stamp
 # The editable install also builds the C loops (setup.py); a change to them reinstalls.
 $(VENV)/.venv-stamp: pyproject.toml setup.py tradebalancer/_fastsplit.c tradebalancer/reader/_fastread.c \
-		$(VENV)/.deps-stamp
+		| $(VENV)/.deps-stamp
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -68,8 +73,14 @@ bench: venv
 	$(PY) -m bench $(BENCH_ARGS)
 	$(PY) -m bench.jetstream $(BENCH_JETSTREAM_ARGS)
 
+# make deb DIST=trixie: the Debian 13 package, built in a cached trixie build root (as root).
 deb: venv
-	sh packaging/build-deb.sh
+	TB_DEB_DIST=$(DIST) sh packaging/build-deb.sh
+
+# A signed apt repository of the package for Debian 12 and 13 in packaging/out/repo (see
+# packaging/build-repo.sh; its signing key stays in packaging/out/repo-key, outside the tree).
+repo: venv
+	sh packaging/build-repo.sh
 
 # The worker library alone, for worker hosts: packaging/out/tradebalancer_reader-*.whl.
 reader-wheel: venv

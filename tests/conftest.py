@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from debpackages import Packages
 from hypothesis import settings
 
 from tradebalancer.reader import framing
@@ -26,6 +27,12 @@ def framing_loop(request: pytest.FixtureRequest) -> Iterator[str]:
         if request.param == "python":
             patch.setattr(framing, "_parse_in_c", None)
         yield request.param
+
+
+@pytest.fixture(scope="session")
+def packages(tmp_path_factory: pytest.TempPathFactory) -> Packages:
+    """This tree's Debian packages, each (distribution, version) built once per session."""
+    return Packages(tmp_path_factory.mktemp("packages"))
 
 
 @pytest.fixture

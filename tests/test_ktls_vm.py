@@ -1,4 +1,5 @@
-"""Kernel TLS on Debian 12's own kernel (tls is a module there), in a guest booted once.
+"""Kernel TLS on Debian's own kernels (tls is a module there), in a guest booted once per
+release: Debian 12 (kernel 6.1) and Debian 13 (kernel 6.12).
 
 The host builds the .deb from this tree (so the tradebalancer under test is this one), makes
 two test CAs (ECDSA for Python's ssl server, RSA for ``openssl s_server`` and nginx, which
@@ -29,9 +30,9 @@ from typing import Any
 
 import orjson
 import pytest
-from test_packaging import build_package
+from debpackages import Packages
 from tlsca import make_ca
-from vm import VMResult, run_in_vm, vm_available
+from vm import SUITES, VMResult, run_in_vm, vm_available
 
 from tradebalancer.replay import synth
 from tradebalancer.routing import pipe_for
@@ -119,8 +120,11 @@ RUNS: dict[str, dict[str, Any]] = {
 }
 NGINX_TLS = ("TLSv1.2", "ECDHE-RSA-AES128-GCM-SHA256")
 # SIGTERM at random moments of the installed balancer's life over kernel TLS (stopstress.py):
-# 5 per scenario x 12 scenarios = 60. The seed is printed; TRADEBALANCER_STRESS_SEED replays it.
-STOP_STRESS_PER_SCENARIO = 5
+# 5 per scenario x 12 scenarios = 60 on Debian 12. How a stop is honoured is the balancer's own
+# doing, not the release's: Debian 13 runs one per scenario (12), which still reaches kernel
+# TLS on its kernel, and saves about two minutes of make test. The seed is printed;
+# TRADEBALANCER_STRESS_SEED replays it.
+STOP_STRESS_PER_SCENARIO = {"bookworm": 5, "trixie": 1}
 STOP_STRESS_SEED = int(os.environ.get("TRADEBALANCER_STRESS_SEED", random.randrange(1 << 31)))
 
 SCRIPT = r"""
@@ -224,6 +228,7 @@ class Guest:
     records: dict[str, dict[str, Any]]
     facts: dict[str, str]
     expected: dict[str, dict[str, dict[str, int]]]
+    suite: str
 
     def record(self, name: str) -> dict[str, Any]:
         """The record of scenario ``name``; fails with the guest's output if it is missing."""
@@ -239,7 +244,7 @@ class Guest:
         return f"{json.dumps(shown, indent=1)}\n{tail}\n{self.result.explain(30)}"
 
 
-def _write_plan(files: Path) -> dict[str, dict[str, dict[str, int]]]:
+def _write_plan(files: Path, suite: str) -> dict[str, dict[str, dict[str, int]]]:
     """Certificates, nginx.conf and plan.json in ``files``; returns the expected events."""
     guest_files = f"{GUEST_WORK}/files"
     certificates = {}
@@ -271,7 +276,7 @@ def _write_plan(files: Path) -> dict[str, dict[str, dict[str, int]]]:
         "runs": runs,
         "nginx_access_log": "/tmp/nginx/access.log",
         "stop_stress": {
-            "per_scenario": STOP_STRESS_PER_SCENARIO,
+            "per_scenario": STOP_STRESS_PER_SCENARIO[suite],
             "seed": STOP_STRESS_SEED,
             "bound": 2.0,
         },
@@ -331,13 +336,16 @@ def _checklist(guest: Guest) -> Iterator[str]:
         yield f"  [{mark}] {name}: {values}"
 
 
-@pytest.fixture(scope="module")
-def guest(tmp_path_factory: pytest.TempPathFactory) -> Guest:
-    reason = vm_available()
+@pytest.fixture(scope="module", params=list(SUITES))
+def guest(
+    request: pytest.FixtureRequest, packages: Packages, tmp_path_factory: pytest.TempPathFactory
+) -> Guest:
+    suite = request.param
+    reason = vm_available(suite)
     if reason is not None:
         pytest.skip(reason)
-    base = tmp_path_factory.mktemp("ktls-vm")
-    deb = build_package(base / "deb-build", base / "deb-out")
+    base = tmp_path_factory.mktemp(f"ktls-vm-{suite}")
+    deb = packages.deb(suite)
     share = base / "share"
     files = share / "files"
     files.mkdir(parents=True)
@@ -349,13 +357,14 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Guest:
         REPO / "bench" / "sink.py",
     ):
         shutil.copy(source, files / source.name)
-    expected = _write_plan(files)
+    expected = _write_plan(files, suite)
     result = run_in_vm(
         SCRIPT.replace("__WORK__", GUEST_WORK),
         share,
         timeout=VM_SECONDS,
         network=False,  # everything talks over 127.0.0.1 in the guest
         extra_files={"tradebalancer.deb": deb},
+        suite=suite,
     )
     records: dict[str, dict[str, Any]] = {}
     for phase in ("without-module", "with-module"):
@@ -366,7 +375,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Guest:
         path.name.removeprefix("fact-"): path.read_text().strip()
         for path in sorted((share / "results").glob("fact-*"))
     }
-    found = Guest(result, records, facts, expected)
+    found = Guest(result, records, facts, expected, suite)
     checklist = "\n".join(_checklist(found))
     (share / "checklist.txt").write_text(checklist + "\n")
     print(checklist)
@@ -646,13 +655,15 @@ def test_the_balancer_delivers_every_event_over_kernel_tls(guest: Guest, run: st
 
 
 def test_sigterm_at_random_moments_is_honoured_over_kernel_tls(guest: Guest) -> None:
-    """60 SIGTERMs at random moments of the installed balancer's life: each honoured in 2 s."""
+    """SIGTERMs at random moments of the installed balancer's life (60 on Debian 12, 12 on 13):
+    each honoured in 2 s."""
     record = guest.record("stop-stress")
     why = json.dumps(record["stress_failures"], indent=1)[:20000]
     assert record["stress_failures"] == [], f"seed {record['stress_seed']}:\n{why}"
-    assert record["stress_trials"] >= 50
+    per_scenario = STOP_STRESS_PER_SCENARIO[guest.suite]
+    assert record["stress_trials"] >= 10 * per_scenario  # of 12 scenarios x per_scenario
     # The balancer reached kernel TLS in the trials aimed after the handshake.
-    assert record["stress_kernel_tls"] >= 4 * STOP_STRESS_PER_SCENARIO, record["stress_scenarios"]
+    assert record["stress_kernel_tls"] >= 4 * per_scenario, record["stress_scenarios"]
     print(f"\n  seed {record['stress_seed']}: {record['stress_trials']} SIGTERMs in the guest")
     for name, row in sorted(record["stress_scenarios"].items()):
         print(f"  {name:14} {row}")

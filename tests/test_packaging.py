@@ -2,9 +2,11 @@
 
 The unit files are parsed here (systemd-analyze verify needs systemd as PID 1) and held to the
 contract of the program: its path, its exit codes, its credential name, its /proc needs. The
-package is built once for the module with packaging/build-deb.sh and inspected with dpkg-deb
-and lintian; where the host allows a private mount namespace, its venv is run at its final
-path through an overlay of /usr. Installing it for real, with systemd, is the VM test's job.
+package is built for Debian 12 and for Debian 13 with packaging/build-deb.sh (once per test
+session, shared with the VM tests: debpackages.py) and inspected with dpkg-deb and each
+release's own lintian; where the host allows a private mount namespace, the venv of the host
+release's package is run at its final path through an overlay of /usr. Installing it for
+real, with systemd, is the VM tests' job.
 """
 
 from __future__ import annotations
@@ -20,6 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from debpackages import (
+    BUILD_TIMEOUT,
+    DISTS,
+    PYTHON_VERSION,
+    UNIT_DIRECTORY,
+    UPGRADE_VERSION,
+    Packages,
+    callers_pip_cache,
+    debian_version,
+    host_dist,
+)
 from packaging.requirements import Requirement
 
 import tradebalancer
@@ -35,7 +48,6 @@ UMBRELLA = SYSTEMD / "tradebalancer.service"
 VENV = "/usr/lib/tradebalancer/venv"
 # A shell in a private mount namespace: its mounts vanish with it and never reach the host.
 IN_MOUNT_NAMESPACE = ("unshare", "--mount", "--propagation", "private", "sh", "-c")
-BUILD_TIMEOUT = 900  # seconds: the build downloads its dependencies from the package index
 
 
 @dataclass(frozen=True)
@@ -293,53 +305,28 @@ def test_the_maintainer_scripts_are_valid_shell() -> None:
 
 @dataclass(frozen=True)
 class Built:
-    """The package built for this module, and where its build tree was."""
+    """The package built for this module's distribution, and where its build tree was."""
 
     deb: Path
     build_dir: Path
     extracted: Path
+    dist: str
 
 
-def callers_pip_cache(build_dir: Path) -> Path:
-    """The pip cache that build_package's caller would share with every other pip run."""
-    return build_dir.with_name(f"{build_dir.name}-callers-pip-cache")
+@pytest.fixture(scope="module", params=DISTS)
+def built(
+    request: pytest.FixtureRequest, packages: Packages, tmp_path_factory: pytest.TempPathFactory
+) -> Built:
+    build = packages.build(request.param)
+    extracted = tmp_path_factory.mktemp(f"deb-{request.param}") / "root"
+    subprocess.run(["dpkg-deb", "-x", str(build.deb), str(extracted)], check=True, timeout=60)
+    return Built(build.deb, build.build_dir, extracted, build.dist)
 
 
-def build_package(build_dir: Path, out_dir: Path, version: str | None = None) -> Path:
-    """Run packaging/build-deb.sh into ``out_dir`` and return the one .deb it made."""
-    for tool in ("dpkg-buildpackage", "dh", "dpkg-deb"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (make deps installs it)")
-    env = {
-        **os.environ,
-        "TB_DEB_BUILD_DIR": str(build_dir),
-        "TB_DEB_OUT_DIR": str(out_dir),
-        "TB_DEB_LINTIAN": "0",
-        "PIP_CACHE_DIR": str(callers_pip_cache(build_dir)),
-    }
-    if version is not None:
-        env["TB_DEB_VERSION"] = version
-    result = subprocess.run(
-        ["sh", str(PACKAGING / "build-deb.sh")],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=BUILD_TIMEOUT,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    (deb,) = out_dir.glob("*.deb")
-    assert result.stdout.strip().endswith(str(deb))
-    return deb
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    base = tmp_path_factory.mktemp("deb")
-    deb = build_package(base / "build", base / "out")
-    extracted = base / "root"
-    subprocess.run(["dpkg-deb", "-x", str(deb), str(extracted)], check=True, timeout=60)
-    return Built(deb, base / "build", extracted)
+def require_host_release(built: Built) -> None:
+    """Skip the test unless the package is for the host's own Debian release (its python3)."""
+    if built.dist != host_dist():
+        pytest.skip(f"runs the {built.dist} package's venv, which needs {built.dist}'s python3")
 
 
 def deb_field(deb: Path, field: str) -> str:
@@ -351,10 +338,10 @@ def deb_field(deb: Path, field: str) -> str:
 
 @pytest.mark.timeout(BUILD_TIMEOUT)
 def test_the_package_is_named_after_the_version(built: Built) -> None:
-    """The build leaves tradebalancer_<version>-1_<arch>.deb with that version inside."""
+    """The build leaves tradebalancer_<version>-1[+deb13]_<arch>.deb with that version inside."""
     arch = deb_field(built.deb, "Architecture")
     version = deb_field(built.deb, "Version")
-    assert version == f"{tradebalancer.__version__}-1"
+    assert version == debian_version(tradebalancer.__version__, built.dist)
     assert built.deb.name == f"tradebalancer_{version}_{arch}.deb"
 
 
@@ -372,24 +359,26 @@ def test_the_package_holds_every_file(built: Built) -> None:
         ["dpkg-deb", "-c", str(built.deb)], capture_output=True, text=True, check=True, timeout=30
     ).stdout
     paths = {line.split()[5].removeprefix(".").split(" -> ")[0] for line in listing.splitlines()}
+    units = UNIT_DIRECTORY[built.dist]
+    site_packages = f"{VENV}/lib/python{PYTHON_VERSION[built.dist]}/site-packages"
     for path in (
         "/usr/bin/tradebalancer",
-        "/lib/systemd/system/tradebalancer.service",
-        "/lib/systemd/system/tradebalancer@.service",
+        f"{units}/tradebalancer.service",
+        f"{units}/tradebalancer@.service",
         "/usr/lib/sysctl.d/60-tradebalancer.conf",
         "/usr/lib/modules-load.d/tradebalancer.conf",
         "/usr/share/man/man8/tradebalancer.8.gz",
         "/etc/tradebalancer.toml",
         f"{VENV}/pyvenv.cfg",
         f"{VENV}/bin/python3",
-        f"{VENV}/lib/python3.11/site-packages/tradebalancer/cli.py",
+        f"{site_packages}/tradebalancer/cli.py",
         "/usr/share/doc/tradebalancer/copyright",
         "/usr/share/doc/tradebalancer/examples/grafana-dashboard.json",
         "/usr/share/doc/tradebalancer/examples/tradebalancer-alerts.yml",
     ):
         assert path in paths, path
     assert not [path for path in paths if "__pycache__" in path or path.endswith(".pyc")]
-    package = f"{VENV}/lib/python3.11/site-packages/tradebalancer/"
+    package = f"{site_packages}/tradebalancer/"
     assert [path for path in paths if path.startswith(package + "_fastsplit.")], "no C router"
     assert [path for path in paths if path.startswith(package + "reader/_fastread.")], "no C reader"
     for module in ("reader/format.py", "transport/connector.py", "replay/server.py"):
@@ -406,21 +395,30 @@ def test_the_configuration_is_a_conffile(built: Built, tmp_path: Path) -> None:
 
 @pytest.mark.timeout(BUILD_TIMEOUT)
 def test_the_package_depends_on_the_python_it_was_built_for(built: Built) -> None:
-    """Depends names python3 3.11 exactly, libcap2 (python-prctl) and ca-certificates."""
+    """Depends names its release's python3 minor version exactly (3.11 on 12, 3.13 on 13),
+    libcap2 (python-prctl) and ca-certificates."""
     depends = [item.strip() for item in deb_field(built.deb, "Depends").split(",")]
-    assert "python3 (>= 3.11~)" in depends
-    assert "python3 (<< 3.12)" in depends
+    major, minor = PYTHON_VERSION[built.dist].split(".")
+    assert f"python3 (>= {major}.{minor}~)" in depends
+    assert f"python3 (<< {major}.{int(minor) + 1})" in depends
     assert "ca-certificates" in depends
     assert any(item.startswith("libcap2 ") for item in depends)
 
 
 @pytest.mark.timeout(BUILD_TIMEOUT)
-def test_lintian_reports_no_error_or_warning(built: Built) -> None:
-    """lintian passes the package with no E: or W: line."""
-    if shutil.which("lintian") is None:
-        pytest.skip("lintian is not installed")
+def test_lintian_reports_no_error_or_warning(built: Built, tmp_path: Path) -> None:
+    """The lintian of the package's own release passes it with no E: or W: line."""
+    if built.dist == host_dist():
+        if shutil.which("lintian") is None:
+            pytest.skip("lintian is not installed")
+        argv = ["lintian", "--fail-on", "error,warning", str(built.deb)]
+    else:
+        # The build root of the release has its lintian (packaging/build-root.sh).
+        shutil.copy(built.deb, tmp_path / built.deb.name)
+        lintian = ["lintian", "--fail-on", "error,warning", f"/build/{built.deb.name}"]
+        argv = ["sh", str(PACKAGING / "build-root.sh"), "run", built.dist, str(tmp_path), *lintian]
     result = subprocess.run(
-        ["lintian", "--fail-on", "error,warning", str(built.deb)],
+        argv,
         capture_output=True,
         text=True,
         check=False,
@@ -445,7 +443,7 @@ def test_the_venv_points_at_debian_python_and_its_final_path(built: Built) -> No
     assert sorted(path.name for path in (venv / "bin").iterdir()) == [
         "python",
         "python3",
-        "python3.11",
+        f"python{PYTHON_VERSION[built.dist]}",
     ]
     build_path = str(built.build_dir).encode()
     for path in built.extracted.rglob("*"):
@@ -491,6 +489,7 @@ def run_at_final_path(built: Built, *argv: str) -> subprocess.CompletedProcess[s
 @pytest.mark.timeout(BUILD_TIMEOUT)
 def test_the_installed_command_runs_from_the_final_path(built: Built, tmp_path: Path) -> None:
     """At /usr/lib/tradebalancer/venv, the launcher prints the version and checks the config."""
+    require_host_release(built)
     require_mount_namespace(tmp_path / "probe")
     version = run_at_final_path(built, "/usr/bin/tradebalancer", "--version")
     assert version.returncode == 0, version.stderr
@@ -543,6 +542,7 @@ def test_the_maintainer_scripts_tolerate_a_container_and_purge_cleans_up(
     built: Built, tmp_path: Path
 ) -> None:
     """In a container-like root the postinst succeeds; prerm and purge remove what was made."""
+    require_host_release(built)
     require_mount_namespace(tmp_path / "probe")
     stage = tmp_path / "stage"
     shutil.copytree(built.extracted / "usr", stage / "usr", symlinks=True)
@@ -591,13 +591,16 @@ def test_the_maintainer_scripts_tolerate_a_container_and_purge_cleans_up(
 
 
 @pytest.mark.timeout(BUILD_TIMEOUT)
-def test_a_version_override_builds_a_newer_package(
-    built: Built, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    """TB_DEB_VERSION builds the same sources as a higher version, for the upgrade test."""
-    base = tmp_path_factory.mktemp("deb-override")
-    deb = build_package(base / "build", base / "out", version=f"{tradebalancer.__version__}+test2")
+def test_a_version_override_builds_a_newer_package(built: Built, packages: Packages) -> None:
+    """TB_DEB_VERSION builds the same sources as a higher version, for the upgrade tests."""
+    deb = packages.deb(built.dist, UPGRADE_VERSION)
     newer = deb_field(deb, "Version")
-    assert newer == f"{tradebalancer.__version__}+test2-1"
+    assert newer == debian_version(UPGRADE_VERSION, built.dist)
     older = deb_field(built.deb, "Version")
     subprocess.run(["dpkg", "--compare-versions", newer, "gt", older], check=True, timeout=10)
+
+
+def test_the_debian_13_package_sorts_above_the_debian_12_one() -> None:
+    """A system upgraded from Debian 12 to 13 moves on to the package built for 13."""
+    bookworm, trixie = (debian_version(tradebalancer.__version__, dist) for dist in DISTS)
+    subprocess.run(["dpkg", "--compare-versions", trixie, "gt", bookworm], check=True, timeout=10)

@@ -19,6 +19,7 @@ from vm import (
     VMResult,
     VMTimeout,
     image_key,
+    image_name,
     qemu_command,
     run_in_vm,
     vm_available,
@@ -183,6 +184,15 @@ def test_image_key_follows_the_guest_files(image_sources: Path) -> None:
     unit = image_sources / "guest" / "vm-test.service"
     unit.write_text(unit.read_text() + "# changed\n")
     assert image_key(image_sources) != before
+
+
+def test_each_suite_has_its_own_image(image_sources: Path) -> None:
+    """Debian 12 and 13 images have different keys and names; an unknown suite is refused."""
+    assert image_key(image_sources, "bookworm") != image_key(image_sources, "trixie")
+    assert image_name("bookworm").startswith("debian12-")
+    assert image_name("trixie").startswith("debian13-")
+    with pytest.raises(VMError, match="unknown Debian suite 'buster'"):
+        image_key(image_sources, "buster")
 
 
 def test_qemu_command_escapes_commas_in_paths(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The VM test harness: boots a Debian 12 guest under qemu to run a shell script as root.
+"""The VM test harness: boots a Debian 12 or 13 guest under qemu to run a shell script as root.
 
 Tests import it as `vm` (pytest puts tests/ on sys.path); see vm.py for how a run works.
 
@@ -9,6 +9,8 @@ Tests import it as `vm` (pytest puts tests/ on sys.path); see vm.py for how a ru
 """
 
 from .vm import (
+    DEFAULT_SUITE,
+    SUITES,
     VMError,
     VMImage,
     VMResult,
@@ -17,12 +19,15 @@ from .vm import (
     ensure_image,
     find_image,
     image_key,
+    image_name,
     qemu_command,
     run_in_vm,
     vm_available,
 )
 
 __all__ = [
+    "DEFAULT_SUITE",
+    "SUITES",
     "VMError",
     "VMImage",
     "VMResult",
@@ -31,6 +36,7 @@ __all__ = [
     "ensure_image",
     "find_image",
     "image_key",
+    "image_name",
     "qemu_command",
     "run_in_vm",
     "vm_available",

@@ -1,7 +1,8 @@
 #!/bin/bash
-# Builds the Debian 12 (bookworm) image the VM tests boot under qemu.
+# Builds the Debian image the VM tests boot under qemu: Debian 12 (bookworm) or 13 (trixie).
 #
-# Usage: build-image.sh OUTDIR      (as root; vm.py calls it with a temporary OUTDIR it renames)
+# Usage: build-image.sh SUITE OUTDIR   (as root; vm.py calls it with a temporary OUTDIR it
+#                                       renames; SUITE is bookworm or trixie)
 #
 # Writes into OUTDIR:
 #   disk.qcow2           ext4 root file system, no partition table (root=/dev/vda), 4 GiB virtual
@@ -15,8 +16,8 @@
 # (Debian's default MODULES=most initramfs doubles the boot time), no fsck at boot, timers and
 # gettys masked, nginx not started at boot.
 #
-# This file, packages.txt and guest/ are hashed into the cache key (vm.py: image_key): edit any
-# of them and the next run rebuilds the image.
+# This file, packages.txt, guest/ and the suite are hashed into the cache key (vm.py:
+# image_key): edit any of them and the next run rebuilds that suite's image.
 set -euo pipefail
 
 die() {
@@ -24,15 +25,19 @@ die() {
     exit 1
 }
 
-[ $# -eq 1 ] || die "usage: build-image.sh OUTDIR"
+[ $# -eq 2 ] || die "usage: build-image.sh SUITE OUTDIR (SUITE: bookworm or trixie)"
+case $1 in
+bookworm | trixie) ;;
+*) die "unknown suite '$1': the VM tests know bookworm (Debian 12) and trixie (Debian 13)" ;;
+esac
 [ "$(id -u)" = 0 ] || die "must run as root (debootstrap and chroot need it)"
 for tool in debootstrap mkfs.ext4 qemu-img chroot; do
     command -v "$tool" >/dev/null || die "$tool not found (apt-get install debootstrap e2fsprogs qemu-utils)"
 done
 
 here=$(cd "$(dirname "$0")" && pwd)
-out=$1
-suite=bookworm
+suite=$1
+out=$2
 mirror=${TRADEBALANCER_VM_MIRROR:-http://deb.debian.org/debian}
 # Room for what a test installs (a .deb, a venv); the qcow2 stores only the blocks in use.
 disk_size=4G
@@ -57,8 +62,11 @@ in_root() {
         DEBIAN_FRONTEND=noninteractive "$@"
 }
 
-packages=$(sed -e 's/#.*//' "$here/packages.txt" | awk 'NF { print $1 }' | paste -sd, -)
-[ -n "$packages" ] || die "packages.txt lists no package"
+# A line "NAME" is for every suite, "NAME [SUITE ...]" for the suites named only.
+packages=$(sed -e 's/#.*//' -e 's/[][]/ /g' "$here/packages.txt" |
+    awk -v suite="$suite" 'NF == 1 { print $1; next } NF > 1 {
+        for (i = 2; i <= NF; i++) if ($i == suite) { print $1; next } }' | paste -sd, -)
+[ -n "$packages" ] || die "packages.txt lists no package for $suite"
 
 echo "== debootstrap $suite from $mirror"
 # INITRD=No: the kernel hook skips building Debian's own initramfs, which is never booted.
@@ -74,7 +82,7 @@ cat >"$root/etc/hosts" <<'EOF'
 EOF
 # Pass 0: fsck of a fresh snapshot of a clean image is wasted time under TCG.
 echo '/dev/vda / ext4 rw,errors=remount-ro 0 0' >"$root/etc/fstab"
-# systemd-resolved is not in bookworm's systemd package: point at qemu's user-net DNS directly.
+# systemd-resolved is not in systemd's package since bookworm: point at qemu's user-net DNS.
 echo 'nameserver 10.0.2.3' >"$root/etc/resolv.conf"
 # A fixed machine-id: an empty one makes every -snapshot boot a "first boot".
 in_root systemd-machine-id-setup >/dev/null
@@ -93,6 +101,9 @@ in_root systemctl set-default multi-user.target
 in_root systemctl enable vm-test.service systemd-networkd.service
 # Tests start nginx with their own configuration; at boot it would only cost time.
 in_root systemctl disable nginx.service
+# trixie mounts a tmpfs on /tmp (half the guest's memory); bookworm keeps /tmp on the disk.
+# The disk for both: a test unpacks packages and venvs there, and the guest has 2 GiB.
+in_root systemctl mask tmp.mount
 # Nothing here is useful in a guest that lives for one test: periodic jobs, login prompts.
 in_root systemctl mask \
     apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer e2scrub_all.timer \
@@ -132,9 +143,18 @@ mknod -m 0600 "$initramfs/dev/console" c 5 1
 in_root modprobe --all --show-depends --set-version "$kver" virtio_pci virtio_blk ext4 |
     awk '$1 == "insmod" && !seen[$2]++ { print $2 }' >"$work/modules"
 [ -s "$work/modules" ] || die "modprobe found no module to put in the initramfs"
+# trixie's kernel ships its modules xz-compressed, which busybox's insmod cannot load: they
+# go into the initramfs uncompressed (bookworm's are already).
 while read -r module; do
-    cp "$root$module" "$initramfs/lib/modules/"
-    basename "$module" >>"$initramfs/modules"
+    name=$(basename "$module")
+    case $name in
+    *.ko) plain=$name && cat "$root$module" ;;
+    *.ko.xz) plain=${name%.xz} && xz -dc "$root$module" ;;
+    *.ko.zst) plain=${name%.zst} && zstd -q -dc "$root$module" ;;
+    *) die "$module: compressed in a way this script does not know (not .ko, .ko.xz, .ko.zst)" ;;
+    esac >"$work/module" || die "cannot unpack $module (apt-get install xz-utils zstd)"
+    mv "$work/module" "$initramfs/lib/modules/$plain"
+    echo "$plain" >>"$initramfs/modules"
 done <"$work/modules"
 # Uncompressed: the kernel unpacks it faster than it would inflate it under TCG.
 in_root sh -c 'cd /tmp/initramfs && find . | cpio --quiet -o -H newc -R 0:0' >"$out/initrd.img"

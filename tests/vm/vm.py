@@ -1,7 +1,8 @@
-"""Boots the Debian 12 test guest under qemu and runs one shell script in it.
+"""Boots a Debian 12 or Debian 13 test guest under qemu and runs one shell script in it.
 
-Owns: the guest image cache (built by build-image.sh, under a lock, keyed by a hash of its
-inputs), the qemu command line, and reading back what the guest leaves in the 9p share.
+Owns: the guest image cache (one image per suite, built by build-image.sh, under a lock, keyed
+by a hash of its inputs and the suite), the qemu command line, and reading back what the guest
+leaves in the 9p share.
 Must not touch: the tradebalancer package and the repository (the image lives in the cache
 directory, ${TRADEBALANCER_VM_CACHE:-/var/cache/tradebalancer-vm}, never in the work tree).
 
@@ -19,13 +20,17 @@ A run, as `run_in_vm` does it:
 Speed, measured on a 2-core host where /dev/kvm is not usable, so qemu runs under TCG: boot to
 power-off for a trivial script takes 12-17 s (29 s with Debian's default initramfs and an
 untrimmed boot, see build-image.sh); building the image takes about 75 s, once per change of
-its inputs.
+its inputs (Debian 13's: about the same).
+
+Suites: "bookworm" (Debian 12, kernel 6.1, the default) and "trixie" (Debian 13, kernel 6.12).
+Every function that needs an image takes `suite=`; the images live side by side in the cache
+as debian12-KEY and debian13-KEY.
 
 Command line, for humans and the Makefile:
 
-    python tests/vm/vm.py build                   # build the image unless cached
-    python tests/vm/vm.py run SCRIPT [--share DIR]  # boot, run SCRIPT, print its output
-    python tests/vm/vm.py info                    # cache key, paths, availability
+    python tests/vm/vm.py build [--suite S]          # build the image unless cached
+    python tests/vm/vm.py run SCRIPT [--share DIR] [--suite S]  # boot, run SCRIPT, print it
+    python tests/vm/vm.py info [--suite S]           # cache key, paths, availability
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ from pathlib import Path
 from typing import IO
 
 __all__ = [
+    "DEFAULT_SUITE",
+    "SUITES",
     "VMError",
     "VMImage",
     "VMResult",
@@ -56,6 +63,7 @@ __all__ = [
     "ensure_image",
     "find_image",
     "image_key",
+    "image_name",
     "main",
     "qemu_command",
     "run_in_vm",
@@ -67,7 +75,10 @@ BUILD_SCRIPT = HERE / "build-image.sh"
 CACHE_ENV = "TRADEBALANCER_VM_CACHE"
 DEFAULT_CACHE = Path("/var/cache/tradebalancer-vm")
 QEMU = "qemu-system-x86_64"
-# Older images are deleted after a build; a few are kept for checkouts that differ.
+# Debian's code name -> the cache directory's prefix (debian12-KEY).
+SUITES = {"bookworm": "debian12", "trixie": "debian13"}
+DEFAULT_SUITE = "bookworm"
+# Older images of a suite are deleted after a build; a few are kept for checkouts that differ.
 KEEP_IMAGES = 3
 # What the guest leaves in the share (see guest/vm-test-run) and what the host adds.
 SCRIPT_NAME = "run.sh"
@@ -164,30 +175,36 @@ def cache_directory() -> Path:
     return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
 
 
-def image_key(sources: Path = HERE) -> str:
-    """A hash of everything the image is built from: build-image.sh, packages.txt, guest/."""
+def image_key(sources: Path = HERE, suite: str = DEFAULT_SUITE) -> str:
+    """A hash of all the image is built from: the suite, build-image.sh, packages.txt, guest/."""
     inputs = [sources / "build-image.sh", sources / "packages.txt"]
     inputs += sorted(path for path in (sources / "guest").rglob("*") if path.is_file())
     digest = hashlib.sha256()
+    digest.update(_suite_prefix(suite).encode() + b"\0")
     for path in inputs:
         digest.update(path.relative_to(sources).as_posix().encode() + b"\0")
         digest.update(path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
 
-def find_image() -> VMImage | None:
-    """The cached image for the current build inputs, or None if it is not built yet."""
-    image = VMImage(cache_directory() / f"debian12-{image_key()}")
+def image_name(suite: str = DEFAULT_SUITE) -> str:
+    """The cache directory name of the suite's image for the current inputs: debian12-KEY."""
+    return f"{_suite_prefix(suite)}-{image_key(suite=suite)}"
+
+
+def find_image(suite: str = DEFAULT_SUITE) -> VMImage | None:
+    """The cached image of `suite` for the current build inputs, or None if not built yet."""
+    image = VMImage(cache_directory() / image_name(suite))
     return image if image.is_complete() else None
 
 
-def vm_available() -> str | None:
-    """None if a guest can be booted here (building the image if needed), else why not."""
+def vm_available(suite: str = DEFAULT_SUITE) -> str | None:
+    """None if a `suite` guest can be booted here (building its image if needed), else why not."""
     if not sys.platform.startswith("linux"):
         return f"the VM tests need Linux, not {sys.platform}"
     if shutil.which(QEMU) is None:
         return f"{QEMU} not found: apt-get install qemu-system-x86"
-    if find_image() is not None:
+    if find_image(suite) is not None:
         return None
     missing = [
         tool
@@ -201,39 +218,41 @@ def vm_available() -> str | None:
         )
     if os.geteuid() != 0:
         return (
-            "the guest image is not built and building it needs root (debootstrap): "
-            "run `sudo python3 tests/vm/vm.py build` once"
+            f"the {suite} guest image is not built and building it needs root (debootstrap): "
+            f"run `sudo python3 tests/vm/vm.py build --suite {suite}` once"
         )
     return None
 
 
-def ensure_image(*, echo: bool = False) -> VMImage:
-    """Return the cached image, building it first if it is missing or its inputs changed.
+def ensure_image(suite: str = DEFAULT_SUITE, *, echo: bool = False) -> VMImage:
+    """Return the cached image of `suite`, building it first if missing or its inputs changed.
 
     Parallel callers wait on a lock in the cache directory, so only one builds; the build
     goes to a temporary directory renamed into place only when complete. With `echo`, the
     build log is also copied to stderr. Raises VMError if the build fails.
     """
-    image = find_image()
+    image = find_image(suite)
     if image is not None:
         _mark_used(image.directory)
         return image
-    reason = vm_available()
+    reason = vm_available(suite)
     if reason is not None:
         raise VMError(reason)
     cache = cache_directory()
     cache.mkdir(parents=True, exist_ok=True)
     with _locked(cache / "lock"):
-        image = find_image()
+        image = find_image(suite)
         if image is not None:
             return image
         _remove_leftovers(cache)
-        key = image_key()
-        building = cache / f".build-{key}-{os.getpid()}"
-        log_path = cache / f"build-{key}.log"
+        name = image_name(suite)
+        building = cache / f".build-{name}-{os.getpid()}"
+        log_path = cache / f"build-{name}.log"
         started = time.monotonic()
         try:
-            returncode = _run_logged(["bash", str(BUILD_SCRIPT), str(building)], log_path, echo)
+            returncode = _run_logged(
+                ["bash", str(BUILD_SCRIPT), suite, str(building)], log_path, echo
+            )
             if returncode != 0:
                 raise VMError(
                     f"building the guest image failed (exit {returncode}); log: {log_path}",
@@ -242,14 +261,14 @@ def ensure_image(*, echo: bool = False) -> VMImage:
             built = VMImage(building)
             if not built.is_complete():
                 raise VMError(f"build-image.sh left no complete image in {building}")
-            final = cache / f"debian12-{key}"
+            final = cache / name
             building.rename(final)
         except BaseException:
             _remove_tree(building)
             raise
         with log_path.open("a") as log:
             log.write(f"== built in {time.monotonic() - started:.0f} s\n")
-        _prune(cache, keep=final)
+        _prune(cache, keep=final, prefix=_suite_prefix(suite))
         return VMImage(final)
 
 
@@ -310,8 +329,11 @@ def run_in_vm(
     network: bool = True,
     extra_files: Mapping[str, str | bytes | Path] | None = None,
     image: VMImage | None = None,
+    suite: str = DEFAULT_SUITE,
 ) -> VMResult:
     """Boot the guest, run `script` with bash as root in /mnt/share, return what it left.
+
+    The guest is `image` if given, else the cached image of `suite` (built if need be).
 
     `script` is written to `share`/run.sh; `extra_files` maps names relative to the share to
     their content (text, bytes, or a host file to copy). The guest sees the share as
@@ -321,7 +343,7 @@ def run_in_vm(
     seconds (qemu is killed), VMError if it powered off without reporting an exit code;
     both carry the console tail.
     """
-    image = image or ensure_image()
+    image = image or ensure_image(suite)
     share = share.resolve()
     share.mkdir(parents=True, exist_ok=True)
     for name in (OUTPUT_NAME, EXIT_CODE_NAME, CONSOLE_NAME, QEMU_LOG_NAME):
@@ -374,6 +396,9 @@ def run_in_vm(
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line: `build`, `run SCRIPT [--share DIR]` and `info`."""
     parser = argparse.ArgumentParser(prog="vm.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--suite", choices=sorted(SUITES), default=DEFAULT_SUITE, help="Debian release"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("build", help="build the guest image unless it is cached")
     commands.add_parser("info", help="print the cache key, the image paths and availability")
@@ -386,14 +411,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "info":
-        image = find_image()
+        image = find_image(args.suite)
+        print(f"suite:     {args.suite}")
         print(f"cache:     {cache_directory()}")
-        print(f"key:       {image_key()}")
+        print(f"key:       {image_key(suite=args.suite)}")
         print(f"image:     {image.directory if image else 'not built'}")
-        print(f"available: {vm_available() or 'yes'}")
+        print(f"available: {vm_available(args.suite) or 'yes'}")
         return 0
     try:
-        image = ensure_image(echo=True)
+        image = ensure_image(args.suite, echo=True)
         if args.command == "build":
             print(f"image:  {image.disk}\nkernel: {image.kernel}\ninitrd: {image.initrd}")
             return 0
@@ -416,6 +442,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         file=sys.stderr,
     )
     return result.exit_code
+
+
+def _suite_prefix(suite: str) -> str:
+    try:
+        return SUITES[suite]
+    except KeyError:
+        known = ", ".join(sorted(SUITES))
+        raise VMError(f"unknown Debian suite {suite!r}: the VM tests know {known}") from None
 
 
 def _tail(text: str, lines: int) -> str:
@@ -523,15 +557,17 @@ def _mark_used(directory: Path) -> None:
         os.utime(directory)
 
 
-def _prune(cache: Path, keep: Path) -> None:
+def _prune(cache: Path, keep: Path, prefix: str) -> None:
     images = sorted(
-        (path for path in cache.glob("debian12-*") if path.is_dir() and path != keep),
+        (path for path in cache.glob(f"{prefix}-*") if path.is_dir() and path != keep),
         key=lambda path: path.stat().st_mtime,
         reverse=True,
     )
     for old in images[KEEP_IMAGES - 1 :]:
         _remove_tree(old)
-        (cache / f"build-{old.name.removeprefix('debian12-')}.log").unlink(missing_ok=True)
+        (cache / f"build-{old.name}.log").unlink(missing_ok=True)
+        # Logs of builds before the suite was part of the name: build-KEY.log.
+        (cache / f"build-{old.name.removeprefix(prefix + '-')}.log").unlink(missing_ok=True)
 
 
 def _remove_leftovers(cache: Path) -> None:
