@@ -83,3 +83,19 @@ def test_a_new_episode_after_the_end_opens_with_its_own_line(
     episode.start(11.0, "second")
     assert [message for _, message in lines(caplog)][-1] == "second"
     assert episode.episodes == 2
+
+
+def test_seconds_on_count_every_episode_and_the_one_under_way() -> None:
+    """The lifetime total (backpressure_seconds_total) survives summaries and episode ends."""
+    episode = Episode(logging.getLogger("test.episode"), "backpressure", "reading paused")
+    episode.start(0.0, "on")
+    episode.stop(1.5)
+    episode.start(2.0, "on")
+    episode.tick(3.0, "")  # a summary while on: counted up to here, and on from here
+    assert episode.seconds_on(3.5) == pytest.approx(3.0)
+    episode.stop(4.0)
+    episode.tick(10.0, "")  # the episode ends
+    episode.tick(20.0, "")
+    assert episode.seconds_on(20.0) == pytest.approx(3.5)
+    episode.start(30.0, "on")
+    assert episode.seconds_on(31.0) == pytest.approx(4.5)

@@ -29,6 +29,7 @@ class Episode:
         self._since = 0.0  # when the condition last came on
         self._times = self._total = 0  # turned on: this episode, since the last tick
         self._held = self._held_total = 0.0  # seconds on: since the last tick, this episode
+        self._held_ever = 0.0  # seconds on, every episode, up to the last stop or tick
         self._last_tick = 0.0
         self._last_off = 0.0
 
@@ -52,7 +53,12 @@ class Episode:
             self.on = False
             self._held += now - self._since
             self._held_total += now - self._since
+            self._held_ever += now - self._since
             self._last_off = now
+
+    def seconds_on(self, now: float) -> float:
+        """Seconds the condition held since the start, every episode, the one under way too."""
+        return self._held_ever + (now - self._since if self.on else 0.0)
 
     def tick(self, now: float, detail: str) -> None:
         """At a stats tick: a summary if it came on since the last one or holds now (with the
@@ -73,6 +79,7 @@ class Episode:
             )
             if self.on:  # count the time held so far now, and from here on at the next stop
                 self._held_total += now - self._since
+                self._held_ever += now - self._since
                 self._since = now
         else:
             self.logger.info(

@@ -79,8 +79,6 @@ class Forwarder:
         self.delay_watch = DelayWatch(logger, config.delay_warning, config.delay_warning_after)
         self.rejected_kinds: dict[str, int] = {}  # FrameError.kind -> frames
         self.ahead_frames = 0  # timestamps ahead of this host's clock: a delay of 0
-        self._paused_at = 0.0
-        self._paused_total = 0.0  # seconds paused, the episodes that ended
         # Backpressure comes and goes several times a second with a slow worker: one line when
         # it starts, a summary per stats interval, one when a whole interval passed without it.
         self._backpressure = Episode(logger, "backpressure", "reading paused")
@@ -135,7 +133,6 @@ class Forwarder:
         """Lift backpressure once the backlogs are below half the limit; True if it was lifted."""
         if self.paused and self.pipes.backlog_bytes <= self.config.backlog_limit // 2:
             self.paused = False
-            self._paused_total += now - self._paused_at
             self._backpressure.stop(now)
             return True
         return False
@@ -180,11 +177,10 @@ class Forwarder:
 
     def paused_seconds(self, now: float) -> float:
         """Seconds reading was paused for the workers since the start, the pause under way too."""
-        return self._paused_total + (now - self._paused_at if self.paused else 0.0)
+        return self._backpressure.seconds_on(now)
 
     def _pause(self, now: float) -> None:
         self.paused = True
-        self._paused_at = now
         self._backpressure.start(
             now,
             f"backpressure: {format_size(self.pipes.backlog_bytes)} queued for the workers "

@@ -76,22 +76,20 @@ class _SnapshotCollector(Collector):
         yield from _counters(s)
         yield from _per_pipe(s["pipes"])
         yield from _per_worker(s["workers"])
-        state = GaugeMetricFamily(
+        yield _one_hot(
             "tradebalancer_connection_state",
             "1 for the connection's current state, 0 for the others.",
-            labels=["state"],
+            "state",
+            STATES,
+            s["state"],
         )
-        for name in STATES:
-            state.add_metric([name], 1.0 if s["state"] == name else 0.0)
-        yield state
-        tls = GaugeMetricFamily(
+        yield _one_hot(
             "tradebalancer_tls_path",
             "1 for the TLS path of the current connection (kernel, user space), 0 for others.",
-            labels=["path"],
+            "path",
+            TLS_PATHS,
+            s["tls"],
         )
-        for name in TLS_PATHS:
-            tls.add_metric([name], 1.0 if s["tls"] == name else 0.0)
-        yield tls
         yield _gauge(
             "tradebalancer_refused_channels",
             "Subscriptions the feed refused on the current connection.",
@@ -192,6 +190,16 @@ def _per_worker(workers: list[Mapping[str, Any]]) -> Iterator[Metric]:
     yield from (restarts, up)
 
 
+def _one_hot(
+    name: str, documentation: str, label: str, values: tuple[str, ...], current: str
+) -> GaugeMetricFamily:
+    """A 0/1 gauge per value of an enumeration, 1 for ``current``."""
+    gauge = GaugeMetricFamily(name, documentation, labels=[label])
+    for value in values:
+        gauge.add_metric([value], 1.0 if current == value else 0.0)
+    return gauge
+
+
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     gauge = GaugeMetricFamily(name, documentation)
     gauge.add_metric([], value)
@@ -220,7 +228,7 @@ def gather(
     pipes: PipeSet,
     pool: WorkerPool | None,
     *,
-    received_bytes: int,
+    received_bytes: int,  # by the connection under way: stats count those that are over
     now: float,
 ) -> Snapshot:
     """The instance's numbers now, as one JSON-able dict (the layout ``SCHEMA`` names)."""
@@ -235,7 +243,7 @@ def gather(
         "subscribe": list(config.subscribe),
         "refused_channels": list(stats.refused_channels),
         "frames": stats.frames,
-        "received_bytes": received_bytes,
+        "received_bytes": stats.received_bytes + received_bytes,
         "events": stats.events,
         "bytes": stats.bytes,
         "reconnects": dict(stats.reconnect_kinds),

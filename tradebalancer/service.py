@@ -92,7 +92,6 @@ class Service:
         self.connection: FeedConnection | None = None
         self.poller = Poller()
         self.endpoints = Endpoints(self.poller)
-        self._received_bytes = 0  # by the connections that are over
         self._reload_due = False
         self._buffer = memoryview(bytearray(feed.batch_bytes))
         self._stopping = False
@@ -290,7 +289,7 @@ class Service:
 
     def _drop_connection(self) -> None:
         if self.connection is not None:
-            self._received_bytes += self.connection.received_bytes
+            self.stats.received_bytes += self.connection.received_bytes
             self.connection.close()
             self.connection = None
         self.poller.watch_connection(None, 0)
@@ -348,7 +347,7 @@ class Service:
             self.forwarder,
             self.pipes,
             self.pool,
-            received_bytes=self._received_bytes + (connection.received_bytes if connection else 0),
+            received_bytes=connection.received_bytes if connection else 0,
             now=now,
         )
 

@@ -19,7 +19,7 @@ class Stats:
     events: int = 0
     bytes: int = 0  # payload bytes of the events forwarded (without the 4-byte headers)
     frames: int = 0  # websocket data messages
-    received_bytes: int = 0  # plaintext read from the transport
+    received_bytes: int = 0  # plaintext read from the transport by connections that are over
     fast_frames: int = 0
     slow_frames: int = 0
     rejected_frames: int = 0
