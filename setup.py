@@ -7,6 +7,7 @@ setup(
         Extension(
             "tradebalancer._fastsplit",
             ["tradebalancer/_fastsplit.c"],
+            depends=["tradebalancer/_wsframe.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra"],
         ),
         Extension(

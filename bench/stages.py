@@ -2,12 +2,14 @@
 
 Owns a measurement that the machine's other load disturbs little: the service's own objects,
 driven the way ``FeedConnection.receive`` and ``Forwarder.forward`` drive them, on the feed's
-bytes as the socket hands them over (1 MiB pieces of unmasked websocket frames, cut anywhere), each
-stage timed on its own:
+bytes as the socket hands them over (reads of what the 1 MiB buffer takes behind the frame the
+last read cut, so cut anywhere), each stage timed on its own:
 
-* ``websocket``: ``Feed.receive_data`` and ``messages_received`` (websockets' sans-I/O frame
-  parser, the copy of each payload to ``bytes``);
-* ``split``: ``Splitter.route`` of every message into the per-pipe lists (the C router);
+* ``websocket``: ``Feed.receive_data`` and ``messages_received`` (frames.py: the frame
+  headers walked in the receive buffer, the frame a read cut kept at its front; websockets'
+  parser only for what is not a plain data frame);
+* ``split``: ``Splitter.route_frames`` of each run of frames into the per-pipe lists (the C
+  router, straight from the buffer);
 * ``join``: the ``b"".join`` of each pipe's list, once per batch;
 * ``write``: one ``os.write`` per pipe per batch into real pipes of the service's size, no
   reader waiting on them (the pipes are drained between batches, untimed), so a sink's
@@ -37,6 +39,8 @@ from websockets.server import ServerProtocol
 
 from tradebalancer._fastsplit import valid_ascii_json
 from tradebalancer.feed import Feed
+from tradebalancer.frames import Run
+from tradebalancer.frames import messages as frame_messages
 from tradebalancer.pipes import pipe_max_size
 from tradebalancer.replay.stream import AUTH_SUCCESS, CONNECTED, frame_header, status
 from tradebalancer.split import Splitter
@@ -85,9 +89,9 @@ def streaming_feed() -> Feed:
 
 @dataclass(frozen=True)
 class Wire:
-    """The first frames of a pool as the socket hands them over, and their trade count."""
+    """The first frames of a pool as the socket sends them, and their trade count."""
 
-    batches: list[bytes]  # unmasked websocket frames, joined, cut in 1 MiB pieces
+    stream: bytes  # unmasked websocket frames, joined: read in pieces of what the buffer takes
     trades: int
 
 
@@ -95,9 +99,7 @@ def wire_batches(pool: Pool, trades: int = SAMPLE_TRADES) -> Wire:
     """Return the first frames of the pool with ``trades`` trades or more, as the wire has them."""
     end = pool.boundary(min(trades, pool.events))
     frames = pool.frames[: bisect.bisect_left(pool.cumulative, end) + 1]
-    wire = b"".join(frame_header(len(frame)) + frame for frame in frames)
-    batches = [wire[i : i + BATCH_BYTES] for i in range(0, len(wire), BATCH_BYTES)]
-    return Wire(batches, end)
+    return Wire(b"".join(frame_header(len(frame)) + frame for frame in frames), end)
 
 
 def measure(wire: Wire, pipes: int) -> StageCost:
@@ -110,6 +112,7 @@ def measure(wire: Wire, pipes: int) -> StageCost:
     python_spent = validate_spent = 0
     out: list[list[bytes]] = [[] for _ in range(pipes)]
     status_events: list[bytes] = []
+    stamps: list[float] = []
     ends = [os.pipe() for _ in range(pipes)]
     size = pipe_max_size()
     for read_fd, write_fd in ends:
@@ -118,15 +121,27 @@ def measure(wire: Wire, pipes: int) -> StageCost:
     spent = dict.fromkeys(STAGES, 0)
     clock = time.process_time_ns
     trades = 0
+    buffer = memoryview(bytearray(BATCH_BYTES))
+    stream, at = memoryview(wire.stream), 0
+    max_size = 16 << 20
     try:
-        for batch in wire.batches:
+        while at < len(stream):
+            # The read, untimed: the kernel's copy, behind the frame the last read cut.
+            kept = feed.keep(buffer)
+            count = min(len(buffer) - kept, len(stream) - at)
+            buffer[kept : kept + count] = stream[at : at + count]
+            at += count
             started = clock()
-            feed.receive_data(memoryview(batch), 0.0)
+            feed.receive_data(buffer[: kept + count], 0.0)
             messages = feed.messages_received()
             parsed = clock()
-            route = splitter.route
             for message in messages:
-                trades += route(message, out, status_events)
+                if type(message) is Run:
+                    trades += splitter.route_frames(
+                        message.view, max_size, out, status_events, stamps
+                    )[1]
+                else:
+                    trades += splitter.route(message, out, status_events)
             routed = clock()
             joined = []
             for chunks in out:
@@ -141,17 +156,19 @@ def measure(wire: Wire, pipes: int) -> StageCost:
             spent["split"] += routed - parsed
             spent["join"] += done_joining - routed
             spent["write"] += written - done_joining
+            payloads = frame_messages(messages)  # copied out, untimed: for the two below
             started = clock()
-            for message in messages:
+            for message in payloads:
                 python.route(message, out, status_events)
             python_spent += clock() - started
             started = clock()
-            for message in messages:
+            for message in payloads:
                 if not valid_ascii_json(message):
                     raise RuntimeError(f"the feed's own frame fails the check: {message[:80]!r}")
             validate_spent += clock() - started
             for chunks in out:
                 chunks.clear()
+            stamps.clear()
             for read_fd, _ in ends:  # untimed: the sinks' part
                 while True:
                     try:

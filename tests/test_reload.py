@@ -25,6 +25,7 @@ from test_service import (
 
 from tradebalancer import config
 from tradebalancer.feed import Phase
+from tradebalancer.frames import messages
 from tradebalancer.reload import compare
 from tradebalancer.replay import ReplayOptions, ReplayServer
 from tradebalancer.service import Service
@@ -135,7 +136,7 @@ def test_a_streaming_feed_subscribes_the_new_then_unsubscribes_the_old() -> None
     peer.send(b'[{"ev":"status","status":"success","message":"unsubscribed to: Q.AAPL"}]')
     peer.send(TRADES)
     assert feed.phase is Phase.STREAMING and feed.subscriptions.settled
-    assert feed.messages_received() == [TRADES]
+    assert messages(feed.messages_received()) == [TRADES]
     assert feed.outcome(6.0) is None
 
 

@@ -35,6 +35,7 @@
 #include <structmember.h>
 #include <stdint.h>
 #include <string.h>
+#include "_wsframe.h"
 #ifdef __SSE2__
 #include <emmintrin.h>
 #endif
@@ -944,13 +945,15 @@ static int valid_frame(const unsigned char *s, Py_ssize_t n)
     return valid_json(s, n);
 }
 
-/* Find the frame's events into r->events; return their count, DECLINE or FAILED. */
-static Py_ssize_t scan_frame(Router *r, const unsigned char *s, Py_ssize_t n)
+/* Find the events of the frame s[start:n] into r->events from index first; return their count,
+   DECLINE or FAILED. Offsets are into s. */
+static Py_ssize_t scan_frame(Router *r, const unsigned char *s, Py_ssize_t start, Py_ssize_t n,
+                             Py_ssize_t first)
 {
-    if (!valid_frame(s, n))
+    if (!valid_frame(s + start, n - start))
         return DECLINE;
-    Py_ssize_t count = 0, layout = 0;
-    Py_ssize_t i = skip_space(s, 0, n);
+    Py_ssize_t count = first, layout = 0;
+    Py_ssize_t i = skip_space(s, start, n);
     if (i >= n || s[i] != '[')
         return DECLINE;
     i = skip_space(s, i + 1, n);
@@ -982,35 +985,12 @@ static Py_ssize_t scan_frame(Router *r, const unsigned char *s, Py_ssize_t n)
     if (skip_space(s, i + 1, n) != n)
         return DECLINE;
     r->layout_events += layout;
-    return count;
+    return count - first;
 }
 
-static PyObject *Router_route(Router *r, PyObject *const *args, Py_ssize_t nargs)
+/* Append r->events[0:count], each behind its length, to out: one bytes object per pipe. */
+static int emit(Router *r, const unsigned char *s, Py_ssize_t count, PyObject *out)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "route(frame, out) takes two arguments");
-        return NULL;
-    }
-    PyObject *out = args[1];
-    if (!PyList_Check(out) || PyList_GET_SIZE(out) != (Py_ssize_t)r->pipes) {
-        PyErr_Format(PyExc_ValueError, "out must be a list of one list per pipe (%u)", r->pipes);
-        return NULL;
-    }
-    for (uint32_t p = 0; p < r->pipes; p++) {
-        if (!PyList_Check(PyList_GET_ITEM(out, p))) {
-            PyErr_SetString(PyExc_TypeError, "out must hold lists");
-            return NULL;
-        }
-    }
-    Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
-        return NULL;
-    const unsigned char *s = view.buf;
-    Py_ssize_t count = scan_frame(r, s, view.len);
-    if (count < 0) {
-        PyBuffer_Release(&view);
-        return count == FAILED ? NULL : PyLong_FromLong(-1);
-    }
     memset(r->pipe_bytes, 0, sizeof(Py_ssize_t) * r->pipes);
     for (Py_ssize_t e = 0; e < count; e++) {
         const Event *event = &r->events[e];
@@ -1026,8 +1006,7 @@ static PyObject *Router_route(Router *r, PyObject *const *args, Py_ssize_t nargs
         if (chunks[p] == NULL) {
             for (uint32_t q = 0; q < p; q++)
                 Py_XDECREF(chunks[q]);
-            PyBuffer_Release(&view);
-            return NULL;
+            return -1;
         }
         r->cursor[p] = PyBytes_AS_STRING(chunks[p]);
     }
@@ -1043,7 +1022,6 @@ static PyObject *Router_route(Router *r, PyObject *const *args, Py_ssize_t nargs
         r->cursor[event->pipe] = to + 4 + size;
         r->pipe_events[event->pipe]++;
     }
-    PyBuffer_Release(&view);
     int failed = 0;
     for (uint32_t p = 0; p < r->pipes; p++) {
         if (chunks[p] == NULL)
@@ -1053,7 +1031,190 @@ static PyObject *Router_route(Router *r, PyObject *const *args, Py_ssize_t nargs
             failed = 1;
         Py_DECREF(chunks[p]);
     }
+    return failed ? -1 : 0;
+}
+
+static int check_out(Router *r, PyObject *out)
+{
+    if (!PyList_Check(out) || PyList_GET_SIZE(out) != (Py_ssize_t)r->pipes) {
+        PyErr_Format(PyExc_ValueError, "out must be a list of one list per pipe (%u)", r->pipes);
+        return -1;
+    }
+    for (uint32_t p = 0; p < r->pipes; p++) {
+        if (!PyList_Check(PyList_GET_ITEM(out, p))) {
+            PyErr_SetString(PyExc_TypeError, "out must hold lists");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static PyObject *Router_route(Router *r, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "route(frame, out) takes two arguments");
+        return NULL;
+    }
+    PyObject *out = args[1];
+    if (check_out(r, out) < 0)
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *s = view.buf;
+    Py_ssize_t count = scan_frame(r, s, 0, view.len, 0);
+    if (count < 0) {
+        PyBuffer_Release(&view);
+        return count == FAILED ? NULL : PyLong_FromLong(-1);
+    }
+    int failed = emit(r, s, count, out);
+    PyBuffer_Release(&view);
     return failed ? NULL : PyLong_FromSsize_t(count);
+}
+
+/*
+ * The t of a frame's last event, as delay.py's event_time reads it (the reference): the last
+ * "t": in the frame's last TAIL bytes, then digits between optional whitespace, ended by ','
+ * or '}' within NUMBER bytes of the colon; nanoseconds, microseconds, milliseconds and seconds
+ * told apart by size. 0.0 when there is none.
+ */
+#define STAMP_TAIL 512
+#define STAMP_NUMBER 24
+
+static double frame_time(const unsigned char *s, Py_ssize_t start, Py_ssize_t n)
+{
+    Py_ssize_t from = n - start > STAMP_TAIL ? n - STAMP_TAIL : start;
+    Py_ssize_t at = -1;
+    for (Py_ssize_t j = n - 4; j >= from; j--) {
+        if (s[j] == '"' && s[j + 1] == 't' && s[j + 2] == '"' && s[j + 3] == ':') {
+            at = j + 4;
+            break;
+        }
+    }
+    if (at < 0)
+        return 0.0;
+    Py_ssize_t limit = at + STAMP_NUMBER < n ? at + STAMP_NUMBER : n, i = at;
+    while (i < limit && is_space(s[i]))
+        i++;
+    uint64_t value = 0;
+    int digits = 0;
+    while (i < limit && s[i] >= '0' && s[i] <= '9') {
+        if (++digits > 19)
+            return 0.0;
+        value = value * 10 + (uint64_t)(s[i++] - '0');
+    }
+    while (i < limit && is_space(s[i]))
+        i++;
+    if (digits == 0 || i >= limit || (s[i] != ',' && s[i] != '}'))
+        return 0.0;
+    if (value >= 100000000000000000ULL)
+        return (double)value / 1e9;
+    if (value >= 100000000000000ULL)
+        return (double)value / 1e6;
+    if (value >= 100000000000ULL)
+        return (double)value / 1e3;
+    return value >= 1000000000ULL ? (double)value : 0.0;
+}
+
+/* route_frames(buffer, start, max_size, out, stamps) -> (end, frames, events) */
+static PyObject *Router_route_frames(Router *r, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "route_frames(buffer, start, max_size, out, stamps) takes five arguments");
+        return NULL;
+    }
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]), max_size = PyLong_AsSsize_t(args[2]);
+    if ((start == -1 || max_size == -1) && PyErr_Occurred())
+        return NULL;
+    PyObject *out = args[3], *stamps = args[4];
+    if (check_out(r, out) < 0)
+        return NULL;
+    if (!PyList_Check(stamps)) {
+        PyErr_SetString(PyExc_TypeError, "stamps must be a list");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *s = view.buf;
+    Py_ssize_t n = view.len, i = start < 0 ? n : start, count = 0, frames = 0;
+    int failed = 0;
+    while (i < n) {
+        Py_ssize_t payload, end;
+        if (ws_frame(s, i, n, max_size, &payload, &end) != WS_PLAIN || end > n)
+            break;
+        Py_ssize_t found = scan_frame(r, s, payload, end, count);
+        if (found == FAILED) {
+            failed = 1;
+            break;
+        }
+        if (found == DECLINE)
+            break;
+        double stamp = frame_time(s, payload, end);
+        if (stamp != 0.0) {
+            PyObject *value = PyFloat_FromDouble(stamp);
+            if (value == NULL || PyList_Append(stamps, value) < 0) {
+                Py_XDECREF(value);
+                failed = 1;
+                break;
+            }
+            Py_DECREF(value);
+        }
+        count += found;
+        frames++;
+        i = end;
+    }
+    if (!failed && count > 0)
+        failed = emit(r, s, count, out) < 0;
+    PyBuffer_Release(&view);
+    if (failed)
+        return NULL;
+    return Py_BuildValue("(nnn)", i, frames, count);
+}
+
+/* Whether s[0:n] holds "status" (with its quotes): what feed.py looks for in a message's first
+   STATUS_WINDOW bytes to find status messages, which frames.py leaves to it. */
+#define STATUS_WINDOW 64
+
+static int names_status(const unsigned char *s, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i + 8 <= n; i++) {
+        if (s[i] == '"' && s[i + 7] == '"' && memcmp(s + i + 1, "status", 6) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+/* plain_frames(buffer, start, max_size) -> end: where the run from start of whole plain data
+   frames (_wsframe.h) that are not status messages ends. */
+static PyObject *fastsplit_plain_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "plain_frames(buffer, start, max_size) takes three "
+                                         "arguments");
+        return NULL;
+    }
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]), max_size = PyLong_AsSsize_t(args[2]);
+    if ((start == -1 || max_size == -1) && PyErr_Occurred())
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *s = view.buf;
+    Py_ssize_t n = view.len, i = start < 0 ? n : start;
+    while (i < n) {
+        Py_ssize_t payload, end;
+        if (ws_frame(s, i, n, max_size, &payload, &end) != WS_PLAIN || end > n)
+            break;
+        Py_ssize_t window = end - payload < STATUS_WINDOW ? end - payload : STATUS_WINDOW;
+        if (names_status(s + payload, window))
+            break;
+        i = end;
+    }
+    PyBuffer_Release(&view);
+    return PyLong_FromSsize_t(i);
 }
 
 static int copy_name(PyObject *text, Name *name)
@@ -1184,6 +1345,11 @@ static PyMethodDef Router_methods[] = {
     {"route", (PyCFunction)(void (*)(void))Router_route, METH_FASTCALL,
      "route(frame, out) -> int\n\nAppend each event of frame, length-prefixed, to out[pipe]; "
      "return the number of events, or -1 (nothing appended) to leave the frame to Python."},
+    {"route_frames", (PyCFunction)(void (*)(void))Router_route_frames, METH_FASTCALL,
+     "route_frames(buffer, start, max_size, out, stamps) -> (end, frames, events)\n\n"
+     "Route the websocket frames in buffer from start, as route does each payload, until one "
+     "is not a whole plain data frame or is declined; end is where that frame starts. Appends "
+     "one chunk per pipe for all of them, and each frame's time (event_time) to stamps."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1239,6 +1405,9 @@ static PyObject *fastsplit_valid_json_blocks(PyObject *module, PyObject *arg)
 #endif
 
 static PyMethodDef fastsplit_methods[] = {
+    {"plain_frames", (PyCFunction)(void (*)(void))fastsplit_plain_frames, METH_FASTCALL,
+     "plain_frames(buffer, start, max_size) -> int\n\nWhere the run of whole plain data "
+     "frames that are not status messages (frames.py) that starts at start ends."},
     {"valid_ascii_json", fastsplit_valid_ascii_json, METH_O,
      "valid_ascii_json(buffer) -> bool\n\nWhether buffer is ASCII and valid JSON (RFC 8259), "
      "as the router checks every frame before it routes a byte of it (False: the router "

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from .config import FeedConfig
 from .errors import TradeBalancerError, TransportError
 from .feed import Feed, Outcome
+from .frames import Run
 from .transport import Connector, Transport
 
 __all__ = ["FeedConnection", "Outcome"]
@@ -27,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 
 # The forwarder's method: messages in, the status events found among them out.
-Forward = Callable[[list[bytes], float], list[bytes]]
+Forward = Callable[[list[bytes | Run], float], list[bytes]]
 
 
 class FeedConnection:
@@ -150,8 +151,9 @@ class FeedConnection:
         if self._failure is not None:
             return False
         again = False
+        kept = feed.keep(buffer)  # a frame the last read cut: this read completes it in place
         try:
-            count = transport.receive_into(buffer)
+            count = transport.receive_into(buffer[kept:])
         except BlockingIOError:
             return False
         except TransportError as exc:
@@ -161,7 +163,7 @@ class FeedConnection:
                 feed.receive_eof(now)
             else:
                 self.received_bytes += count
-                feed.receive_data(buffer[:count], now)
+                feed.receive_data(buffer[: kept + count], now)
                 again = not feed.closed
         messages = feed.messages_received()
         if messages:
@@ -264,6 +266,7 @@ class FeedConnection:
             config.subscribe,
             now=now,
             max_message_size=config.max_message_size,
+            keep_limit=config.batch_bytes // 2,
             ping_interval=config.ping_interval,
             ping_timeout=config.ping_timeout,
             handshake_timeout=config.handshake_timeout,

@@ -41,6 +41,8 @@ def event_time(message: bytes) -> float | None:
         value = _integer(message, start, message.find(b"}", start, start + _NUMBER))
         if value is None:
             return None
+    if value >= 10**19:  # 20 digits: no time of ours (and past what the C router reads)
+        return None
     if value >= 10**17:  # nanoseconds
         return value / 1e9
     if value >= 10**14:  # microseconds

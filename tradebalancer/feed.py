@@ -1,8 +1,10 @@
 """The Massive (Polygon.io) feed protocol, sans-I/O: bytes in, data messages out, bytes to send.
 
 Owns one websocket connection's conversation with the feed: the HTTP upgrade and the websocket
-framing (delegated to websockets' sans-I/O ``ClientProtocol``), reassembly of fragmented
-messages, the feed's own handshake, and the client keepalive. It does no networking and never
+framing (websockets' sans-I/O ``ClientProtocol``; once streaming, the plain data frames are
+walked in the receive buffer by frames.py and handed on as ``Run`` views, uncopied, and
+websockets sees every other frame whole), reassembly of fragmented messages, the feed's own
+handshake, and the client keepalive. It does no networking and never
 reads the clock: the service hands it bytes and ``now``, and takes back the data messages, the
 bytes to send and, when the conversation is over, the reason (``error``).
 
@@ -59,13 +61,13 @@ from websockets.uri import parse_uri
 
 from . import __version__
 from .errors import EXCERPT_BYTES, AuthError, FeedError, TradeBalancerError
+from .frames import STATUS, STATUS_WINDOW, Deframer, Run
 from .handshake import AWAITED, Action, Phase, meaning, transition
 from .subscriptions import Subscriptions
 
 logger = logging.getLogger(__name__)
 
-_STATUS = b'"status"'
-_STATUS_WINDOW = 64
+_HEAD_END = b"\r\n\r\n"  # the end of the upgrade response's head (RFC 9112 section 2.1)
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,7 @@ class Feed:
         *,
         now: float,
         max_message_size: int = 16 << 20,
+        keep_limit: int = 1 << 19,
         ping_interval: float = 20.0,
         ping_timeout: float = 20.0,
         handshake_timeout: float = 10.0,
@@ -115,8 +118,14 @@ class Feed:
         self._kind = ""  # why it ended, as a metrics label (Outcome.kind)
         self._cooldown = False  # after max_connections: reconnect only after a long wait
         self._streaming_since: float | None = None
-        self._messages: list[bytes] = []
+        self._messages: list[bytes | Run] = []
         self._fragments: list[bytes] = []
+        # From the end of the upgrade response on, frames.py cuts the stream: runs of plain
+        # data frames stay in the caller's buffer, websockets gets the rest. Until then, the
+        # last bytes seen, for a head whose end spans two reads.
+        self._deframer: Deframer | None = None
+        self._max_size, self._keep_limit = max_message_size, keep_limit
+        self._head_seen = b""
         self._last_ping_at = now
         self._ping_payload: bytes | None = None
         self._ping_serial = 0
@@ -125,12 +134,45 @@ class Feed:
     # -- input -------------------------------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview, now: float) -> None:
-        """Feed bytes read from the transport; data messages become available."""
+        """Feed bytes read from the transport; data messages become available.
+
+        Plain data frames (frames.py) come out as ``Run`` views of ``data``, valid until the
+        caller's next read, which must first ``keep`` the frame its last read cut.
+        """
         if self.phase is Phase.CLOSED:
             return
-        # ClientProtocol copies into its own buffer, so a memoryview of a reused buffer is safe.
+        if self._deframer is None:
+            rest = self._receive_head(memoryview(data), now)
+            if rest is None or not rest or self._deframer is None:
+                return
+            data = rest
+        # Frames websockets must see are handed over together when they come together, as a
+        # status and a close frame read at once (no reply to the status then).
+        pending: list[memoryview] = []
+        for piece in self._deframer.split(data):
+            if type(piece) is Run:
+                if pending and not self._hand_over(pending, now):
+                    return
+                if self._streaming_since is not None and not self._fragments:
+                    self._messages.append(piece)
+                    continue
+                piece = piece.view
+            pending.append(cast(memoryview, piece))
+        if pending:
+            self._hand_over(pending, now)
+
+    def _hand_over(self, pieces: list[memoryview], now: float) -> bool:
+        # To websockets, which copies into its own buffer: views of a reused buffer are safe.
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        pieces.clear()
         self._protocol.receive_data(cast(bytes, data))
         self._process(now)
+        return self.phase is not Phase.CLOSED
+
+    def keep(self, buffer: memoryview) -> int:
+        """Put the frame the last read cut at the front of ``buffer``, for the next read to go
+        behind it; return its size (frames.py)."""
+        return 0 if self._deframer is None else self._deframer.keep(buffer)
 
     def receive_eof(self, now: float) -> None:
         """The transport reached end of file (TCP FIN or TLS close_notify)."""
@@ -138,7 +180,11 @@ class Feed:
             return
         # websockets' parser reports any end of stream before a close frame as EOFError; what
         # it had buffered (or a fragmented message begun) says whether a message was cut.
-        cut = bool(self._fragments) or bool(getattr(self._protocol.reader, "buffer", b""))
+        cut = (
+            bool(self._fragments)
+            or bool(getattr(self._protocol.reader, "buffer", b""))
+            or (self._deframer is not None and self._deframer.buffered > 0)
+        )
         self._protocol.receive_eof()
         if isinstance(self._protocol.parser_exc, EOFError):
             where = "in the middle of a message" if cut else "without a close frame"
@@ -184,8 +230,9 @@ class Feed:
 
     # -- output ------------------------------------------------------------------------------
 
-    def messages_received(self) -> list[bytes]:
-        """Return the data messages (JSON arrays) completed since the last call."""
+    def messages_received(self) -> list[bytes | Run]:
+        """Return the data messages (JSON arrays) completed since the last call: each one's
+        bytes, or runs of plain data frames whose payloads are messages (frames.py)."""
         messages, self._messages = self._messages, []
         return messages
 
@@ -271,6 +318,28 @@ class Feed:
 
     # -- internals ---------------------------------------------------------------------------
 
+    def _receive_head(self, data: memoryview, now: float) -> memoryview | None:
+        # Up to the end of the upgrade response's head, everything is websockets'; once it
+        # switched protocols (101, RFC 6455 section 4.1), what follows is frames.py's.
+        seen = self._head_seen + bytes(data)
+        end = seen.find(_HEAD_END)
+        if end < 0:
+            self._head_seen = seen[-(len(_HEAD_END) - 1) :]
+            self._protocol.receive_data(cast(bytes, data))
+            self._process(now)
+            return None
+        cut = end + len(_HEAD_END) - len(self._head_seen)
+        self._protocol.receive_data(cast(bytes, data[:cut]))
+        self._process(now)
+        if self.phase is Phase.CLOSED:
+            return None
+        if self._protocol.state is not State.OPEN:  # a refusal with a body: websockets reads it
+            self._protocol.receive_data(cast(bytes, data[cut:]))
+            self._process(now)
+            return None
+        self._deframer = Deframer(self._max_size, self._keep_limit)
+        return data[cut:]
+
     def _process(self, now: float) -> None:
         for event in self._protocol.events_received():
             if isinstance(event, Response):
@@ -325,7 +394,7 @@ class Feed:
     def _receive_message(self, message: bytes, now: float) -> None:
         # Status messages are small and say so in their first bytes, in whatever layout; a data
         # frame is only looked at that far (the splitter finds any status among its events).
-        if _STATUS in message[:_STATUS_WINDOW]:
+        if STATUS in message[:STATUS_WINDOW]:
             try:
                 events = orjson.loads(message)
             except orjson.JSONDecodeError:

@@ -36,6 +36,7 @@ from .config import MAX_PIPES, FeedConfig
 from .delay import DelayWatch, event_time
 from .episode import Episode
 from .errors import FrameError
+from .frames import Run
 from .histogram import DELAY_BOUNDS, LATENCY_BOUNDS, Histogram
 from .pipes import PipeSet
 from .reader.format import HEADER_SIZE, LIMIT
@@ -90,38 +91,57 @@ class Forwarder:
                 "Python, at about twice the CPU per event; reinstall the package to build it"
             )
 
-    def forward(self, messages: list[bytes], now: float) -> list[bytes]:
-        """Route ``messages`` and write each pipe's share once; return the status events found."""
+    def forward(self, messages: list[bytes | Run], now: float) -> list[bytes]:
+        """Route ``messages`` and write each pipe's share once; return the status events found.
+
+        A message is a frame's payload, or a ``Run`` of whole plain frames still in the receive
+        buffer (frames.py), which the splitter routes in one pass.
+        """
         out = self._out
         status: list[bytes] = []
+        stamps: list[float] = []
         route = self.splitter.route
-        observe = self.delay.observe
-        wall = self.wall()
-        delay = None
-        events = 0
+        max_size = self.config.max_message_size
+        events = frames = 0
         for message in messages:
+            if isinstance(message, Run):
+                count, routed, rejected = self.splitter.route_frames(
+                    message.view, max_size, out, status, stamps
+                )
+                frames, events = frames + count, events + routed
+                for exc in rejected:
+                    self._log_rejected(exc, now)
+                continue
+            frames += 1
             try:
                 events += route(message, out, status)
             except FrameError as exc:
                 self._log_rejected(exc, now)
                 continue
             if (stamp := event_time(message)) is not None:
-                delay = wall - stamp
-                if delay < 0.0:  # the feed's clock ahead of ours: counted, never a falling _sum
-                    self.ahead_frames += 1
-                    delay = 0.0
-                observe(delay)
-        if delay is not None:
-            self.delay_watch.sample(delay, now)
+                stamps.append(stamp)
+        if stamps:
+            self._observe(stamps, now)
         stats = self.stats
         stats.events += events
-        stats.frames += len(messages)
+        stats.frames += frames
         # The events' own bytes, as Stats.bytes and the metric say: not the pipe headers.
         stats.bytes += self.pipes.write_batch(out) - HEADER_SIZE * events
         self.latency.observe(self.clock() - now)
         if self.pipes.backlog_bytes > self.config.backlog_limit and not self.paused:
             self._pause(now)
         return status
+
+    def _observe(self, stamps: list[float], now: float) -> None:
+        # One sample of the delay behind the market per frame; the watch takes the batch's last.
+        observe, wall, delay = self.delay.observe, self.wall(), 0.0
+        for stamp in stamps:
+            delay = wall - stamp
+            if delay < 0.0:  # the feed's clock ahead of ours: counted, never a falling _sum
+                self.ahead_frames += 1
+                delay = 0.0
+            observe(delay)
+        self.delay_watch.sample(delay, now)
 
     def reconfigure(self, config: FeedConfig) -> None:
         """Take a reloaded configuration's live keys (reload.py): the delay warning's."""
