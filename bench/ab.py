@@ -15,7 +15,7 @@ Progress and the sides' own progress go to stderr (the sides' to a log that a fa
 stdout gets a line per pair and pipe count (each side's M trades/s and CPU ns per trade, the
 B/A ratios), the summary (median ratios, pairs B was ahead in), then everything as one JSON
 line. The worktrees it made are removed on the way out; their builds stay cached. Exit status
-1 if any side failed or was not verified.
+1 if any side failed or was not verified, 2 if a revision could not be checked out or built.
 
     python -m bench.ab REV [REV2] [--pairs 5] [--cache DIR] [bench options ...]
 """
@@ -166,6 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "built: pip install -e . first, or B is not what it says"
                 )
         return run_pairs(args.pairs, opened, given)
+    except revision.BuildError as exc:
+        progress(f"cannot run the pairs: {exc}")
+        return 2
     finally:
         for tree in opened.values():
             revision.close(tree)

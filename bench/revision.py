@@ -80,13 +80,19 @@ def open_tree(
     rev: str, progress: Callable[[str], None], repo: Path = REPO, cache: Path | None = None
 ) -> Tree:
     """Check ``rev`` out in a temporary worktree and build it (or take its cached build)."""
-    sha = git("rev-parse", "--verify", f"{rev}^{{commit}}", repo=repo)
+    try:
+        sha = git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}", repo=repo)
+    except subprocess.CalledProcessError as exc:
+        raise BuildError(f"{rev}: not a commit of the repository in {repo}") from exc
     short = sha[:9]
     label = short if rev.startswith(short[:7]) else f"{short} ({rev})"
     temporary = Path(tempfile.mkdtemp(prefix=f"tradebalancer-ab-{short}-"))
     path = temporary / "tree"
     try:
-        git("worktree", "add", "--detach", "--quiet", str(path), sha, repo=repo)
+        try:
+            git("worktree", "add", "--detach", "--quiet", str(path), sha, repo=repo)
+        except subprocess.CalledProcessError as exc:
+            raise BuildError(f"{label}: git worktree add failed: {exc.stderr.strip()}") from exc
         build = (cache or cache_directory()) / sha
         build.mkdir(parents=True, exist_ok=True)
         with open(build / "lock", "w") as lock:  # two A/B runs building one commit wait
