@@ -277,7 +277,7 @@ def render(rows: Sequence[Target]) -> str:
         "Issue 15's targets, this run (ratio: the figure over the target; for throughput and "
         "latency, over the same run's ceiling or floor):"
     ]
-    header = f"{'target':<62}{'figure':>11}  {'target':<28}{'ratio':>6}  verdict"
+    header = f"{'target':<62}{'figure':>11}  {'target':<31}{'ratio':>6}  verdict"
     out += [header, "-" * len(header)]
     for row in rows:
         target = row.target_text
@@ -286,7 +286,7 @@ def render(rows: Sequence[Target]) -> str:
         ratio = "-" if row.ratio is None else f"{row.ratio:.2f}"
         verdict = row.status + (f": {row.note}" if row.note else "")
         out.append(
-            f"{row.text:<62}{_format(row.figure, row.unit):>11}  {target:<28}{ratio:>6}  {verdict}"
+            f"{row.text:<62}{_format(row.figure, row.unit):>11}  {target:<31}{ratio:>6}  {verdict}"
         )
     met = sum(row.status == "met" for row in rows)
     measured = sum(row.status != "not measured" for row in rows)
