@@ -17,7 +17,7 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc libcap-dev \
 	debhelper dpkg-dev fakeroot lintian openssl ca-certificates systemd e2fsprogs debian-archive-keyring \
 	apt-utils gnupg gpgv prometheus
 
-.PHONY: all deps venv demo test check lint typecheck unit e2e bench deb repo reader-wheel clean
+.PHONY: all deps venv demo test check lint typecheck unit e2e bench bench-ab deb repo reader-wheel clean
 
 all: test
 
@@ -72,6 +72,13 @@ e2e: venv
 bench: venv
 	$(PY) -m bench $(BENCH_ARGS)
 	$(PY) -m bench.jetstream $(BENCH_JETSTREAM_ARGS)
+
+# make bench-ab AB=REV [BASE=REV2] [AB_ARGS="--pairs 3 --trades 2000000"]: interleaved pairs
+# of short throughput runs, A = REV against B = BASE (default: this working tree as it is), and
+# their B/A ratios (bench/ab.py; REV is built once in ~/.cache/tradebalancer-bench).
+bench-ab: venv
+	@test -n "$(AB)" || { echo "make bench-ab AB=REV [BASE=REV2] [AB_ARGS=...]: AB is required" >&2; exit 2; }
+	$(PY) -m bench.ab $(AB) $(BASE) $(AB_ARGS)
 
 # make deb DIST=trixie: the Debian 13 package, built in a cached trixie build root (as root).
 deb: venv

@@ -21,9 +21,11 @@ order, so that a busy spell of the machine spreads over all of them:
 Then, once: a small run whose sinks also parse every event and check its route (``--strict``
 in the sinks, too slow to keep up at full speed on two CPUs), and with ``--profile DIR`` a
 py-spy profile of the balancer at the largest pipe count. Progress goes to stderr; stdout gets
-the tables, then the whole result as one JSON line; the same result goes to
-``bench-results/bench.json`` and its picture (``bench/plot.py``) to ``bench-results/bench.svg``
-(``--results DIR``). The exit status is 1 if any run failed its verification.
+the tables, last of them issue 15's targets with this run's figures (``targets.py``), then
+the whole result as one JSON line; the same result goes to ``bench-results/bench.json`` and
+its picture (``bench/plot.py``) to ``bench-results/bench.svg`` (``--results DIR``), and with
+``--json FILE`` to that file too (what ``bench.ab`` reads). The exit status is 1 if any run
+failed its verification.
 
     python -m bench [--quick] [--repeat 3] [--trades 5000000] [--pipes 4,16] [--profile DIR]
 """
@@ -56,6 +58,7 @@ from . import (
     readerrate,
     report,
     stages,
+    targets,
 )
 from .report import Run, rate_label
 from .source import Pool
@@ -109,6 +112,9 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="DIR",
         help="write the result as bench.json and its picture as bench.svg here "
         "(default bench-results; '' for neither)",
+    )
+    add(
+        "--json", metavar="FILE", help="also write the result to FILE, as bench.json (for bench.ab)"
     )
     args = parser.parse_args(argv)
     quick = args.quick
@@ -285,12 +291,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = report.summarize(runs, results, extra)
     strict_ok = not isinstance(extra.get("strict"), dict) or extra["strict"]["verified"]
     summary["verified"] = bool(summary["verified"]) and bool(strict_ok)
+    goals = targets.evaluate(summary, target_options(args))
+    summary["targets"] = targets.to_json(goals)
     sys.stdout.write(report.render(summary, runs, report.all_figures(runs, results)))
+    sys.stdout.write("\n" + targets.render(goals))
     sys.stdout.write(json.dumps(summary, separators=(",", ":")) + "\n")
     sys.stdout.flush()
     if args.results:
         save(summary, Path(args.results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
     return 0 if summary["verified"] else 1
+
+
+def target_options(args: argparse.Namespace) -> targets.Options:
+    """What the command line asked to measure, as the targets' table needs to know it."""
+    return targets.Options(
+        pipes=tuple(args.pipe_counts),
+        rates=tuple(args.rate_list),
+        latency=not args.no_latency,
+        ceiling=not args.no_ceiling,
+    )
 
 
 def commit() -> str | None:
