@@ -25,7 +25,7 @@ LAYERS: list[list[str]] = [
     # leaves: no logic of the service (the C router is split.py's loop)
     [
         *("errors", "units", "routing", "spans", "backoff", "systemd", "episode", "_fastsplit"),
-        *("histogram", "delay", "address"),
+        *("histogram", "delay", "address", "ledger"),
     ],
     ["signals", "command", "stats", "handshake", "subscriptions", "transport.keys", "delivery"],
     ["transport.kernel"],

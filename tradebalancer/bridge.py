@@ -30,11 +30,15 @@ Design notes
   takes the batch as stored. Any other message there means another publisher writes the
   subject: the bridge stops with an error rather than interleave.
 * A restarted bridge cannot repeat a batch: reading a pipe consumes it, and what the previous
-  bridge read is gone from the pipe. The converse is the one hole: a bridge killed with SIGKILL
-  loses the events it had read and not yet stored (at most ``--max-batch-bytes`` being
-  published plus what was read behind it, per partition), exactly as a local worker loses what
-  it had read (README, "If a worker dies"). On end of file (the balancer stops) and on SIGTERM
-  it publishes everything it read before it exits.
+  bridge read is gone from the pipe. The converse: a bridge killed with SIGKILL loses the events
+  it had read and not yet stored (at most ``--max-batch-bytes`` being published plus what was
+  read behind it, per partition). Those are counted, never silent: every batch carries the
+  number of its last event (ledger.EVENT_HEADER), the balancer's ledger (ledger.py, memory that
+  outlives the bridge) holds how many events this run's bridges took from each pipe, and the
+  successor compares the two at its start, logs a WARNING per partition and counts the
+  difference as lost; the balancer's last line counts it as not delivered (exit 75). Lost
+  events keep their numbers, so a reader sees them as a gap. On end of file (the balancer
+  stops) and on SIGTERM the bridge publishes everything it read before it exits.
 * Never a drop on a slow or absent server: every publish is retried (with a capped backoff and
   a WARNING per failure) until it is stored; the client reconnects by itself.
 """
@@ -59,6 +63,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
 from .keyguard import seal
+from .ledger import EVENT_HEADER, Ledger, Slot
 from .reader import MessageParser, ReaderError, fds_from_environment
 from .reader.format import header
 from .reader.jetstream import RECONNECT_WAIT, connect_options
@@ -106,11 +111,15 @@ class Outbox:
     partition: int
     fd: int
     parser: MessageParser
+    slot: Slot | None = None  # its counters in the ledger (None only in unit tests)
     pending: bytearray = field(default_factory=bytearray)
+    taken: int = 0  # the run position (ledger.py) of the last event cut into a batch
+    stored: int = 0  # the number of the last event known stored
     events: int = 0
     sequence: int = 0  # batches published by this run
     last_subject_sequence: int = 0  # the subject's last stream sequence, from the last PubAck
     eof: bool = False
+    cut: bool = False  # the pipe began inside a message (counted once)
     reading: bool = False
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -207,22 +216,38 @@ async def ensure_stream(js: JetStreamContext, options: BridgeOptions) -> None:
     logger.info("JetStream stream %s checked", options.stream)
 
 
+@dataclass(frozen=True)
+class LastMessage:
+    """The partition subject's last stored message, as far as the bridge cares."""
+
+    sequence: int = 0  # its stream sequence, 0 if the subject has none
+    msg_id: str | None = None
+    event: int | None = None  # the number of its last event (EVENT_HEADER), if it has one
+
+
 async def last_subject_message(
     js: JetStreamContext, options: BridgeOptions, partition: int
-) -> tuple[int, str | None]:
-    """The stream sequence and Msg-Id of the partition subject's last message, (0, None) if none."""
+) -> LastMessage:
+    """The partition subject's last stored message; LastMessage() if it has none."""
     try:
         message = await js.get_last_msg(options.stream, options.subject(partition))
     except nats.js.errors.NotFoundError:
-        return 0, None
+        return LastMessage()
     headers = message.headers or {}
-    return message.seq or 0, headers.get("Nats-Msg-Id")
+    event = headers.get(EVENT_HEADER)
+    return LastMessage(
+        message.seq or 0,
+        headers.get("Nats-Msg-Id"),
+        int(event) if event is not None and event.isdigit() else None,
+    )
 
 
 class Bridge:
     """Reads the partitions' pipes and publishes their batches, one in flight per partition."""
 
-    def __init__(self, options: BridgeOptions, fds: Sequence[int], run: str) -> None:
+    def __init__(
+        self, options: BridgeOptions, fds: Sequence[int], run: str, ledger: Ledger | None = None
+    ) -> None:
         if len(fds) != len(options.partitions):
             raise BridgeError(
                 f"{len(fds)} pipe fds for {len(options.partitions)} partitions "
@@ -231,11 +256,12 @@ class Bridge:
         self.options = options
         self.run = run
         self.outboxes = [
-            Outbox(partition, fd, MessageParser(fd))
+            Outbox(partition, fd, MessageParser(fd), ledger.slot(partition) if ledger else None)
             for partition, fd in zip(options.partitions, fds, strict=True)
         ]
         self.stopping = False
         self.published_events = 0
+        self.lost_events = 0  # read by a predecessor (or cut) and never stored, found at start
         self.failure: Exception | None = None  # a pipe that is not the balancer's framing
 
     async def run_until_done(self) -> int:
@@ -248,9 +274,9 @@ class Bridge:
             await ensure_stream(js, self.options)
             limit = min(self.options.max_batch_bytes, max(connection.max_payload - 1024, 4096))
             for outbox in self.outboxes:
-                outbox.last_subject_sequence, _ = await last_subject_message(
-                    js, self.options, outbox.partition
-                )
+                last = await last_subject_message(js, self.options, outbox.partition)
+                outbox.last_subject_sequence = last.sequence
+                self._account(outbox, last)
                 os.set_blocking(outbox.fd, False)
                 self._resume(outbox, limit)
             await asyncio.gather(
@@ -260,8 +286,28 @@ class Bridge:
             await connection.drain()
         if self.failure is not None:
             raise BridgeError(f"{self.failure}: is this fd one of the balancer's pipes?", EX_OSERR)
-        logger.info("all pipes closed; %d events published", self.published_events)
+        logger.info(
+            "all pipes closed; %d events published%s",
+            self.published_events,
+            f", {self.lost_events} lost by a previous bridge" if self.lost_events else "",
+        )
         return EX_OK
+
+    def _account(self, outbox: Outbox, last: LastMessage) -> None:
+        """At start: what the previous bridges read and JetStream did not store is lost; say so."""
+        slot = outbox.slot
+        assert slot is not None
+        loss = slot.account(last.event)
+        outbox.taken = slot.read
+        outbox.stored = last.event if last.event is not None else slot.base
+        if loss is not None:
+            self.lost_events += loss.events
+            logger.warning(
+                "%d events of partition %d were read by the previous bridge but never stored in "
+                "JetStream (numbers %d-%d, a gap in %s): counted as not delivered",
+                *(loss.events, loss.partition, loss.first, loss.first + loss.events - 1),
+                self.options.subject(outbox.partition),
+            )
 
     def stop(self) -> None:
         """SIGTERM: read no more; publish what was read, then exit."""
@@ -292,17 +338,16 @@ class Bridge:
             self._pause(outbox)
         else:
             pending = outbox.pending
-            for message in outbox.parser.receive_data(data):
+            messages = outbox.parser.receive_data(data)
+            skipped = sum(len(run) for run in outbox.parser.skipped_received())
+            if skipped:  # a predecessor died inside a message: before any event of this one
+                self._cut(outbox, skipped)
+            for message in messages:
                 pending += header(len(message))
                 pending += message
-                outbox.events += 1
-            if outbox.parser.skipped_bytes:  # a predecessor died inside a message
-                skipped = sum(len(run) for run in outbox.parser.skipped_received())
-                logger.warning(
-                    "partition %d: skipped %d bytes of an event a previous bridge had begun "
-                    "to read (lost with it)",
-                    *(outbox.partition, skipped),
-                )
+            outbox.events += len(messages)
+            if outbox.slot is not None:
+                outbox.slot.add_read(len(messages))
             if outbox.parser.error is not None:  # not the balancer's framing: publish no more
                 self.failure = outbox.parser.error
                 outbox.eof = True
@@ -317,12 +362,28 @@ class Bridge:
             outbox.ready.clear()
             while outbox.pending:
                 payload, events = self._take(outbox, limit)
+                outbox.taken += events
                 self._resume(outbox, limit)
                 await self._publish(js, outbox, payload)
                 self.published_events += events
             if outbox.eof:
                 return
             self._resume(outbox, limit)
+
+    def _cut(self, outbox: Outbox, skipped: int) -> None:
+        if outbox.cut:  # the rest of the same message, in a later read
+            return
+        outbox.cut = True
+        number = None
+        if outbox.slot is not None and not outbox.pending and outbox.taken == outbox.slot.read:
+            number = outbox.slot.cut()
+            outbox.taken = outbox.slot.read
+            self.lost_events += 1
+        logger.warning(
+            "1 event of partition %d was read in part by the previous bridge and never stored in "
+            "JetStream (%d bytes of it skipped%s): counted as not delivered",
+            *(outbox.partition, skipped, f", number {number}" if number else ""),
+        )
 
     @staticmethod
     def _take(outbox: Outbox, limit: int) -> tuple[bytes, int]:
@@ -351,33 +412,38 @@ class Bridge:
         outbox.sequence += 1
         msg_id = f"{self.run}.{outbox.partition}.{outbox.sequence}"
         subject = self.options.subject(outbox.partition)
+        number = outbox.taken + (outbox.slot.base if outbox.slot is not None else 0)
         delay = 0.05
         while True:
             headers = {
                 "Nats-Msg-Id": msg_id,
                 "Nats-Expected-Last-Subject-Sequence": str(outbox.last_subject_sequence),
+                EVENT_HEADER: str(number),
             }
             try:
                 ack = await js.publish(
                     subject, payload, stream=self.options.stream, headers=headers
                 )
                 outbox.last_subject_sequence = ack.seq
+                outbox.stored = number
                 return
             except nats.js.errors.APIError as exc:
                 if exc.err_code != WRONG_LAST_SEQUENCE:
                     logger.warning("publish to %s refused (%s); retrying", subject, exc)
                 else:
-                    sequence, last_id = await last_subject_message(
-                        js, self.options, outbox.partition
-                    )
-                    if last_id == msg_id:  # stored before the server went away: done
-                        outbox.last_subject_sequence = sequence
+                    last = await last_subject_message(js, self.options, outbox.partition)
+                    if last.msg_id == msg_id:  # stored before the server went away: done
+                        outbox.last_subject_sequence = last.sequence
+                        outbox.stored = number
                         return
-                    raise BridgeError(
-                        f"another publisher writes {subject} (its last message {last_id!r} is "
-                        f"not this bridge's): give each feed its own stream or subject_prefix",
-                        EX_PROTOCOL,
-                    ) from exc
+                    if not self._stored_late(outbox, last):
+                        raise BridgeError(
+                            f"another publisher writes {subject} (its last message "
+                            f"{last.msg_id!r} is not this bridge's): give each feed its own "
+                            "stream or subject_prefix",
+                            EX_PROTOCOL,
+                        ) from exc
+                    continue  # on top of the predecessor's batch, at once
             except (TimeoutError, nats.errors.Error, OSError) as exc:
                 logger.warning(
                     "publish to %s not acknowledged (%s); retrying (%d bytes held)",
@@ -385,6 +451,32 @@ class Bridge:
                 )  # fmt: skip
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX)
+
+    def _stored_late(self, outbox: Outbox, last: LastMessage) -> bool:
+        """Whether ``last`` is a predecessor's batch stored after this bridge started (its
+        connection's last publish, taken in by the server late); if so, uncount its events."""
+        slot = outbox.slot
+        if (
+            slot is None
+            or last.event is None
+            or not outbox.stored < last.event <= number_read(slot)
+        ):
+            return False
+        late = slot.stored_late(last.event, outbox.stored)
+        self.lost_events -= late
+        outbox.stored = last.event
+        outbox.last_subject_sequence = last.sequence
+        logger.warning(
+            "a batch of the previous bridge was stored in %s after this one started: %d events "
+            "counted as not delivered arrived after all (up to number %d)",
+            *(self.options.subject(outbox.partition), late, last.event),
+        )
+        return True
+
+
+def number_read(slot: Slot) -> int:
+    """The number of the last event the previous bridges of this run read (ledger.py)."""
+    return slot.base + slot.accounted
 
 
 def parse_options(argv: Sequence[str]) -> BridgeOptions:
@@ -424,7 +516,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     seal()
     options = parse_options(sys.argv[1:] if argv is None else argv)
     try:
-        bridge = Bridge(options, fds_from_environment(), secrets.token_hex(6))
+        try:
+            ledger = Ledger.from_environment(os.environ, max(options.partitions) + 1)
+        except (ValueError, OSError) as exc:
+            raise BridgeError(f"{exc}: the bridge must be started by the balancer") from exc
+        bridge = Bridge(options, fds_from_environment(), secrets.token_hex(6), ledger)
         return asyncio.run(bridge.run_until_done())
     except BridgeError as exc:
         logger.error("%s", exc)

@@ -63,7 +63,7 @@ class Worker:
 
     index: int
     argv: list[str]
-    read_fds: list[int]  # the balancer's read ends of this worker's pipes, in pipe order
+    read_fds: list[int]  # the balancer's read ends of its pipes, in pipe order (then the ledger)
     pipe_indexes: list[int]
     env: Mapping[str, str] = field(default_factory=dict)  # its whole environment (plan.py)
     trusted: bool = False  # the package's own bridge: started without the key cover
@@ -237,13 +237,16 @@ class WorkerPool:
         read_fds: Sequence[int],
         feed: FeedConfig,
         cover: Cover | None = None,
+        ledger_fd: int | None = None,
     ) -> WorkerPool:
-        """The pool of ``feed``'s planned workers; ``read_fds[i]`` is pipe i's read end."""
+        """The pool of ``feed``'s planned workers; ``read_fds[i]`` is pipe i's read end, and
+        ``ledger_fd`` goes after the pipes of the plan that asks for it (the bridge)."""
         workers = [
             Worker(
                 index=plan.index,
                 argv=list(plan.argv),
-                read_fds=[read_fds[pipe] for pipe in plan.pipes],
+                read_fds=[read_fds[pipe] for pipe in plan.pipes]
+                + ([ledger_fd] if plan.ledger and ledger_fd is not None else []),
                 pipe_indexes=list(plan.pipes),
                 env=plan.env,
                 trusted=plan.trusted,

@@ -1,0 +1,118 @@
+"""The bridge under failure, end to end: replay feed -> balancer -> bridge -> nats-server.
+
+Real parts only (tests/natsserver.py; SIGSTOP stands for a server that takes in bytes and never
+answers). Each test reads the stream back message by message and compares every event of the
+remote partitions, in order, with what the feed sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import nats
+import pytest
+from natsserver import NatsServer
+from test_jetstream import PIPES, REMOTE, processes, remote_balancer, wait_until
+from test_service import expected_streams, read_records
+
+from tradebalancer.ledger import EVENT_HEADER
+from tradebalancer.reader import MessageParser
+from tradebalancer.replay import ReplayOptions, ReplayServer
+
+__all__ = ["processes"]  # the fixture, shared with test_jetstream.py
+
+
+async def read_stream(url: str) -> dict[int, list[tuple[int, list[bytes]]]]:
+    """Every message of stream "tb": per partition, (its last event's number, its events)."""
+    connection = await nats.connect(url)
+    try:
+        js = connection.jetstream()
+        info = await js.stream_info("tb")
+        found: dict[int, list[tuple[int, list[bytes]]]] = {p: [] for p in REMOTE}
+        for sequence in range(info.state.first_seq, info.state.last_seq + 1):
+            message = await js.get_msg("tb", sequence)
+            partition = int((message.subject or "").rsplit(".", 1)[1])
+            number = int((message.headers or {})[EVENT_HEADER])
+            found[partition].append((number, MessageParser().receive_data(message.data or b"")))
+        return found
+    finally:
+        await connection.close()
+
+
+def bridge_pid(log: str) -> int:
+    """The pid of the bridge (worker 1 of a remote_balancer) as last started."""
+    pids = re.findall(r"worker 1 (?:started|restarted) \(pid (\d+)", log)
+    assert pids, log
+    return int(pids[-1])
+
+
+@pytest.mark.timeout(150)
+def test_a_bridge_killed_with_unstored_events_counts_them_as_not_delivered(
+    tmp_path: Path, processes: list[object]
+) -> None:
+    """SIGKILL while JetStream does not answer: the loss is logged, counted in the last line
+    (exit 75) and is exactly the events missing from the stream; the rest arrive once, in order."""
+    server = NatsServer(tmp_path / "nats").start()
+    processes.append(server)
+    events, seed = 20_000, 21
+    expected = expected_streams(events, seed, PIPES)
+    options = ReplayOptions(events=events, seed=seed, rate=4_000)
+    with ReplayServer(options) as feed:
+        balancer = remote_balancer(
+            tmp_path, feed.url, server.url, "max_batch_bytes = 8192\npublish_timeout = 1.0"
+        )
+        processes.append(balancer)
+        wait_until(lambda: "JetStream stream tb" in balancer.log_text(), "the stream", 30)
+        time.sleep(1.0)  # some batches stored
+        assert server.process is not None
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            balancer.wait_for(lambda: "not acknowledged" in balancer.log_text(), 20, "a timeout")
+            time.sleep(0.5)  # more read behind the batch in flight
+            os.kill(bridge_pid(balancer.log_text()), signal.SIGKILL)
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        balancer.wait_for(lambda: "worker 1 restarted" in balancer.log_text(), 30, "a successor")
+        local = [p for p in range(PIPES) if p not in REMOTE]
+        balancer.wait_for(
+            lambda: all(len(read_records(balancer.records, p)) >= len(expected[p]) for p in local),
+            timeout=60,
+            what="every local event",
+        )
+        time.sleep(1.0)  # the feed's last remote events into the pipes
+        assert balancer.stop() == 75, balancer.log_text()[-3000:]
+    log = balancer.log_text()
+    stored = asyncio.run(read_stream(server.url))
+    missing = 0
+    for partition in REMOTE:
+        got = [event for _, batch in stored[partition] for event in batch]
+        want = expected[partition]
+        gap = len(want) - len(got)
+        missing += gap
+        # What is stored is the feed's order with one run cut out: the events the bridge lost.
+        head = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), None)
+        head = len(got) if head is None else head
+        assert got[:head] == want[:head]
+        assert got[head:] == want[head + gap :], f"partition {partition}: a duplicate or disorder"
+        # The numbers show the gap where it is, and nowhere else.
+        numbers = [number for number, _ in stored[partition]]
+        sizes = [len(batch) for _, batch in stored[partition]]
+        gaps = [b - a - size for a, b, size in zip([0, *numbers], numbers, sizes, strict=False)]
+        assert sorted(gaps)[:-1] == [0] * (len(gaps) - 1) and sum(gaps) == gap, partition
+        warned = re.findall(
+            rf"(\d+) events of partition {partition} were read by the previous", log
+        )
+        late = re.findall(rf"in tb\.feed\.{partition} after this one started: (\d+) events", log)
+        assert sum(map(int, warned)) - sum(map(int, late)) == gap, log[-3000:]
+    assert missing > 0, "nothing was lost: the test did not kill the bridge with events held"
+    line = re.search(
+        r"stopped: ([\d,]+) events? of ([\d,]+) not delivered, read by a JetStream", log
+    )
+    assert line is not None, log[-3000:]
+    assert int(line.group(1).replace(",", "")) == missing
+    assert int(line.group(2).replace(",", "")) == events
