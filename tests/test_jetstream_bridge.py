@@ -11,12 +11,14 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import nats
 import pytest
-from natsserver import NatsServer
+from natsserver import NatsServer, environment
 from test_jetstream import PIPES, REMOTE, processes, remote_balancer, wait_until
 from test_service import expected_streams, read_records
 
@@ -116,3 +118,85 @@ def test_a_bridge_killed_with_unstored_events_counts_them_as_not_delivered(
     assert line is not None, log[-3000:]
     assert int(line.group(1).replace(",", "")) == missing
     assert int(line.group(2).replace(",", "")) == events
+
+
+@pytest.mark.timeout(120)
+def test_jetstream_unreachable_at_the_start_is_backpressure_then_everything_arrives(
+    tmp_path: Path, processes: list[object]
+) -> None:
+    """No server at the bridge's start: one clear WARNING, the balancer's backlog grows while the
+    bridge retries, and once the server starts every event is stored once, in order."""
+    server = NatsServer(tmp_path / "nats")  # its port chosen, nothing listening yet
+    processes.append(server)
+    events, seed = 12_000, 23
+    expected = expected_streams(events, seed, PIPES)
+    local = [p for p in range(PIPES) if p not in REMOTE]
+    with ReplayServer(ReplayOptions(events=events, seed=seed, rate=6_000)) as feed:
+        balancer = remote_balancer(tmp_path, feed.url, server.url)
+        processes.append(balancer)
+        balancer.wait_for(
+            lambda: all(len(read_records(balancer.records, p)) >= len(expected[p]) for p in local),
+            timeout=60,
+            what="every local event while JetStream is down",
+        )
+        balancer.wait_for(lambda: "JetStream at" in balancer.log_text(), 20, "the warning")
+        time.sleep(3)  # more attempts, which must not be logged
+        log = balancer.log_text()
+        assert (
+            f"cannot connect to JetStream at {server.url} (" in log
+            and "partitions 2,3 are not read meanwhile, so their pipes fill and the balancer "
+            "keeps their events in its backlog; retrying every 0.25 s. Start the server, or "
+            "correct jetstream.servers"
+            in log
+        ), log[-3000:]
+        assert log.count("cannot connect to JetStream") == 1  # not one per attempt
+        backlogs = re.findall(r"largest backlog ([\d.]+) (KiB|MiB) \(worker 1\)", log)
+        assert backlogs, "the balancer held no backlog for the bridge"
+        assert "not delivered" not in log and "dropped" not in log
+        server.start()
+        balancer.wait_for(
+            lambda: "connected to JetStream at" in balancer.log_text(), 30, "the connection"
+        )
+        balancer.wait_for(
+            lambda: stored_count(server.url) >= sum(len(expected[p]) for p in REMOTE),
+            timeout=60,
+            what="every remote event stored",
+        )
+        assert balancer.stop() == 0, balancer.log_text()[-3000:]
+    stored = asyncio.run(read_stream(server.url))
+    for partition in REMOTE:
+        got = [event for _, batch in stored[partition] for event in batch]
+        assert got == expected[partition], f"partition {partition}: lost, twice or out of order"
+    assert "stopped: all 12,000 events delivered" in balancer.log_text()
+
+
+def stored_count(url: str) -> int:
+    """The events stored in stream "tb" so far (0 before it exists)."""
+    try:
+        stored = asyncio.run(read_stream(url))
+    except Exception:
+        return 0
+    return sum(len(batch) for batches in stored.values() for _, batch in batches)
+
+
+@pytest.mark.timeout(30)
+def test_a_bridge_still_connecting_stops_on_sigterm(tmp_path: Path) -> None:
+    """SIGTERM while no server answers ends the bridge at once, exit 0, having read nothing."""
+    server = NatsServer(tmp_path / "nats")  # never started
+    read, write = os.pipe()
+    argv = [
+        *(sys.executable, "-m", "tradebalancer.bridge", "--servers", server.url),
+        *("--stream", "tb", "--subject-prefix", "tb.feed", "--partitions", "0"),
+    ]
+    env = environment() | {"TRADEBALANCER_FDS": str(read)}
+    bridge = subprocess.Popen(argv, pass_fds=(read,), env=env, stderr=subprocess.PIPE)
+    os.write(write, b"\x02\x00\x00\x00{}")
+    time.sleep(2.0)
+    bridge.send_signal(signal.SIGTERM)
+    _, stderr = bridge.communicate(timeout=10)
+    assert bridge.returncode == 0, stderr
+    assert "SIGTERM before JetStream was reached" in stderr.decode()
+    os.set_blocking(read, False)
+    assert os.read(read, 100) == b"\x02\x00\x00\x00{}"  # still there for the balancer to count
+    os.close(read)
+    os.close(write)

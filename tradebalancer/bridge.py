@@ -52,7 +52,8 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import nats
@@ -74,6 +75,7 @@ EX_OK, EX_OSERR, EX_PROTOCOL, EX_NOPERM, EX_CONFIG = 0, 71, 76, 77, 78
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-last-sequence check
 READ_SIZE = 1 << 20
 RETRY_MAX = 2.0  # seconds: the longest wait between two attempts at one batch
+QUIET_RETRIES = 30.0  # seconds between two WARNINGs while JetStream stays unreachable
 
 
 class BridgeError(Exception):
@@ -124,11 +126,61 @@ class Outbox:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-async def open_connection(options: BridgeOptions) -> Client:
-    """Connect to the servers, retrying while none answers; BridgeError if auth is refused."""
+class Unreachable:
+    """What the bridge says while no server answers its first connection: one WARNING that
+    explains, then one every ``QUIET_RETRIES`` seconds, not one per attempt (nats-py tries
+    every server every ``RECONNECT_WAIT`` seconds)."""
+
+    def __init__(self, options: BridgeOptions, clock: Callable[[], float]) -> None:
+        self.options = options
+        self.clock = clock
+        self.started = clock()
+        self.said: float | None = None
+
+    def note(self, exc: BaseException) -> None:
+        """One more failed attempt, for ``exc``."""
+        now, where = self.clock(), ",".join(self.options.servers)
+        if self.said is None:
+            self.said = now
+            logger.warning(
+                "cannot connect to JetStream at %s (%s): partitions %s are not read meanwhile, "
+                "so their pipes fill and the balancer keeps their events in its backlog; "
+                "retrying every %g s. Start the server, or correct jetstream.servers",
+                where,
+                describe_error(exc),
+                ",".join(map(str, self.options.partitions)),
+                RECONNECT_WAIT["reconnect_time_wait"],
+            )
+        elif now - self.said >= QUIET_RETRIES:
+            self.said = now
+            logger.warning(
+                "still cannot connect to JetStream at %s after %.0f s (%s); retrying",
+                *(where, now - self.started, describe_error(exc)),
+            )
+
+    def connected(self) -> None:
+        """The connection is up: say so if a failure was said."""
+        if self.said is not None:
+            logger.info(
+                "connected to JetStream at %s after %.0f s",
+                ",".join(self.options.servers),
+                self.clock() - self.started,
+            )
+
+
+async def open_connection(options: BridgeOptions, clock: Callable[[], float]) -> Client:
+    """Connect to the servers, retrying while none answers; BridgeError if auth is refused.
+
+    While none answers the bridge reads nothing, so the pipes fill and the balancer holds the
+    events in its backlog (Unreachable says so). A SIGTERM meanwhile cancels this."""
+    unreachable = Unreachable(options, clock)
+    connected = False
 
     async def on_error(exc: Exception) -> None:
-        logger.warning("JetStream connection: %s", exc)
+        if connected:
+            logger.warning("JetStream connection: %s", exc)
+        elif not isinstance(exc, nats.errors.Error) or "auth" not in str(exc).lower():
+            unreachable.note(exc)
 
     async def on_disconnected() -> None:
         logger.warning("disconnected from JetStream")
@@ -142,8 +194,11 @@ async def open_connection(options: BridgeOptions) -> Client:
         raise BridgeError(str(exc)) from exc
     delay = 0.1
     while True:
+        connection = Client()
         try:
-            connection = Client()
+            # nats-py retries a refused TCP connection itself, for ever (max_reconnect_attempts
+            # -1), every server in turn; allow_reconnect=False makes it raise on what happens
+            # after the TCP connection (a refused login, a timeout), which this loop retries.
             await connection.connect(
                 list(options.servers),
                 **credentials,
@@ -151,12 +206,14 @@ async def open_connection(options: BridgeOptions) -> Client:
                 max_reconnect_attempts=-1,
                 **RECONNECT_WAIT,
                 connect_timeout=2,
-                allow_reconnect=False,  # this loop retries the first connection itself
+                allow_reconnect=False,
                 error_cb=on_error,
                 disconnected_cb=on_disconnected,
                 reconnected_cb=on_reconnected,
             )
             connection.options["allow_reconnect"] = True  # from now on, for ever
+            connected = True
+            unreachable.connected()
             return connection
         except nats.errors.Error as exc:
             await connection.close()  # the failed attempt's socket
@@ -166,12 +223,15 @@ async def open_connection(options: BridgeOptions) -> Client:
                     f"({options.credentials or 'none'}): {exc}; check the credentials file",
                     EX_NOPERM,
                 ) from exc
-            logger.warning("cannot connect to JetStream (%s); retrying in %.1f s", exc, delay)
-        except OSError as exc:
+        except (OSError, TimeoutError):
             await connection.close()
-            logger.warning("cannot connect to JetStream (%s); retrying in %.1f s", exc, delay)
         await asyncio.sleep(delay)
         delay = min(delay * 2, RETRY_MAX)
+
+
+def describe_error(exc: BaseException) -> str:
+    """An exception in a few words: its text, or its type when it has none."""
+    return str(exc) or type(exc).__name__
 
 
 async def ensure_stream(js: JetStreamContext, options: BridgeOptions) -> None:
@@ -262,13 +322,19 @@ class Bridge:
         self.stopping = False
         self.published_events = 0
         self.lost_events = 0  # read by a predecessor (or cut) and never stored, found at start
+        self.connecting: asyncio.Future[Client] | None = None
         self.failure: Exception | None = None  # a pipe that is not the balancer's framing
 
     async def run_until_done(self) -> int:
         """Publish until every pipe reached end of file (or SIGTERM) and all is stored."""
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stop)
-        connection = await open_connection(self.options)
+        self.connecting = asyncio.ensure_future(open_connection(self.options, time.monotonic))
+        try:
+            connection = await self.connecting
+        except asyncio.CancelledError:
+            logger.info("SIGTERM before JetStream was reached: nothing was read from the pipes")
+            return EX_OK
         try:
             js = connection.jetstream(timeout=self.options.publish_timeout)
             await ensure_stream(js, self.options)
@@ -312,6 +378,8 @@ class Bridge:
     def stop(self) -> None:
         """SIGTERM: read no more; publish what was read, then exit."""
         self.stopping = True
+        if self.connecting is not None:
+            self.connecting.cancel()  # done already, once connected
         for outbox in self.outboxes:
             self._pause(outbox)
             outbox.eof = True

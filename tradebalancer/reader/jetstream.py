@@ -59,12 +59,10 @@ __all__ = ["Cursor", "JetStreamSource", "connect_options"]
 
 logger = logging.getLogger(__name__)
 
-_CURSOR = struct.Struct("<QQ")
+_CURSOR = struct.Struct("<QQ")  # the message's stream sequence, the events handed over
 # Seconds before the client tries a server it just lost again (nats-py annotates an int and
 # takes a float): a cluster's other servers are tried at once.
-RECONNECT_WAIT: dict[str, Any] = {
-    "reconnect_time_wait": 0.25
-}  # the message's stream sequence, the events handed over
+RECONNECT_WAIT: dict[str, Any] = {"reconnect_time_wait": 0.25}
 
 
 def connect_options(path: str | None) -> dict[str, Any]:
