@@ -42,6 +42,7 @@ from .keyguard import Cover
 from .plan import WorkerPlan
 from .reader.format import FIRST_FD
 from .signals import HANDLED
+from .units import format_ranges
 
 logger = logging.getLogger(__name__)
 
@@ -271,7 +272,7 @@ class WorkerPool:
                 "worker %d started (pid %d) on pipes %s: %s",
                 worker.index,
                 worker.pid,
-                _ranges(worker.pipe_indexes),
+                format_ranges(worker.pipe_indexes),
                 " ".join(worker.argv),
             )
 
@@ -333,7 +334,7 @@ class WorkerPool:
                     worker.index,
                     worker.pid,
                     worker.restarts,
-                    _ranges(worker.pipe_indexes),
+                    format_ranges(worker.pipe_indexes),
                 )
         return self.restarts - before
 
@@ -410,20 +411,6 @@ class WorkerPool:
                 worker.index,
                 _POLICY_NAMES.get(policy, f"scheduling policy {policy}"),
             )
-
-
-def _ranges(indexes: Sequence[int]) -> str:
-    """Format pipe indexes compactly: [0, 1, 2, 5] -> '0-2,5'."""
-    items = sorted(indexes)
-    parts: list[str] = []
-    i = 0
-    while i < len(items):
-        j = i
-        while j + 1 < len(items) and items[j + 1] == items[j] + 1:
-            j += 1
-        parts.append(str(items[i]) if i == j else f"{items[i]}-{items[j]}")
-        i = j + 1
-    return ",".join(parts)
 
 
 if sys.platform != "linux":  # pragma: no cover
