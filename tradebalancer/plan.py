@@ -18,7 +18,7 @@ but the environment it is given.
 
 * The partitions ``[feeds.NAME.jetstream]`` names are not local: the workers share the other
   pipes (blocks as above over the local pipes, in order), and one more worker, the bridge
-  (``python -m tradebalancer.bridge``, bridge.py), reads the remote ones and publishes them. It
+  (``python -m tradebalancer.bridge``, bridge/), reads the remote ones and publishes them. It
   is the package's own code, not the user's: it is ``trusted``, started without the cover that
   hides the credentials (keyguard.py), since it reads the NATS credentials file. It also gets
   one fd more after its pipes, the balancer's ledger (ledger.py), named by ``LEDGER_VARIABLE``.
@@ -121,7 +121,7 @@ def local_workers(feed: FeedConfig) -> int:
 
 
 def bridge_argv(feed: FeedConfig, environ: Mapping[str, str]) -> list[str]:
-    """The bridge's command line for ``feed``'s JetStream partitions (bridge.py parses it)."""
+    """The bridge's command line for ``feed``'s JetStream partitions (bridge/options.py)."""
     jetstream = feed.jetstream
     assert jetstream is not None
     argv = [

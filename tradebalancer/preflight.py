@@ -13,7 +13,7 @@ For a feed with a ``[feeds.NAME.jetstream]`` table it also checks what can be ch
 a NATS server (``check_jetstream``): the credentials file is there, readable, of a kind the
 client takes (a ``.creds`` file also needs the ``nkeys`` package) and private; and it says
 where the remote partitions go (``describe_jetstream``). The server, the stream and the
-credentials' acceptance are the bridge's to check, at its start (bridge.py).
+credentials' acceptance are the bridge's to check, at its start (bridge/server.py).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""The JetStream bridge: a built-in worker that publishes its pipes' events to NATS JetStream.
+"""The bridge's loop: pipes in, one JetStream message per partition per batch out.
 
 Owns the publishing side of remote partitions: the balancer spawns it like any worker over the
 pipes ``[feeds.NAME.jetstream]`` names (plan.py renders its arguments), it reads them with
 ``tradebalancer.reader``, and publishes each partition's events to ``PREFIX.PARTITION`` as one
 JetStream message per batch whose payload is the pipe's own framed bytes (``[u32 LE length]
-[event]`` ...), whole messages only. It creates or checks the stream at start. It knows nothing
+[event]`` ...), whole messages only (server.py creates or checks the stream first). It knows nothing
 of what an event means and never touches the balancer's hot path: its only link to the balancer
 is the pipes, so a slow JetStream is ordinary pipe backpressure (the bridge stops reading, the
 pipe fills, the balancer keeps its backlog and logs it). Runs as::
@@ -27,8 +27,9 @@ Design notes
   PubAck gave it (at start: the stream's last message on the subject). A retry of a batch that
   was in fact stored before the server died is refused by the server with "wrong last
   sequence"; the bridge then reads the subject's last message, finds its own Msg-Id there, and
-  takes the batch as stored. Any other message there means another publisher writes the
-  subject: the bridge stops with an error rather than interleave.
+  takes the batch as stored; a predecessor's batch stored late (below) is taken as stored
+  too. Any other message there means another publisher writes the subject: the bridge stops
+  with an error rather than interleave.
 * A restarted bridge cannot repeat a batch: reading a pipe consumes it, and what the previous
   bridge read is gone from the pipe. The converse: a bridge killed with SIGKILL loses the events
   it had read and not yet stored (at most ``--max-batch-bytes`` being published plus what was
@@ -45,65 +46,31 @@ Design notes
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
-import secrets
 import signal
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.api import StorageType, StreamConfig
 
-from .keyguard import seal
-from .ledger import EVENT_HEADER, Ledger, Slot
-from .reader import MessageParser, ReaderError, fds_from_environment
-from .reader.format import header
-from .reader.jetstream import RECONNECT_WAIT, connect_options
+from ..ledger import EVENT_HEADER, Ledger, Slot
+from ..reader import MessageParser
+from ..reader.format import header
+from .options import EX_OK, EX_OSERR, EX_PROTOCOL, BridgeError, BridgeOptions
+from .server import RETRY_MAX, LastMessage, ensure_stream, last_subject_message, open_connection
+
+__all__ = ["Bridge", "Outbox"]
 
 logger = logging.getLogger("tradebalancer.bridge")
 
-EX_OK, EX_OSERR, EX_PROTOCOL, EX_NOPERM, EX_CONFIG = 0, 71, 76, 77, 78
 WRONG_LAST_SEQUENCE = 10071  # JetStream's error code for a failed expected-last-sequence check
 READ_SIZE = 1 << 20
-RETRY_MAX = 2.0  # seconds: the longest wait between two attempts at one batch
-QUIET_RETRIES = 30.0  # seconds between two WARNINGs while JetStream stays unreachable
-
-
-class BridgeError(Exception):
-    """The bridge cannot go on: the message says what is wrong and what to do."""
-
-    def __init__(self, message: str, exit_code: int = EX_CONFIG) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-@dataclass(frozen=True)
-class BridgeOptions:
-    """The bridge's command line: where to publish and which partitions its fds carry."""
-
-    servers: tuple[str, ...]
-    stream: str
-    subject_prefix: str
-    partitions: tuple[int, ...]  # the pipe index of each fd, in fd order
-    credentials: str | None = None
-    storage: str = "file"
-    replicas: int = 1
-    create: bool = True
-    max_batch_bytes: int = 1 << 20
-    publish_timeout: float = 5.0
-
-    def subject(self, partition: int) -> str:
-        """The subject partition ``partition`` is published to."""
-        return f"{self.subject_prefix}.{partition}"
 
 
 @dataclass
@@ -124,182 +91,6 @@ class Outbox:
     cut: bool = False  # the pipe began inside a message (counted once)
     reading: bool = False
     ready: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-class Unreachable:
-    """What the bridge says while no server answers its first connection: one WARNING that
-    explains, then one every ``QUIET_RETRIES`` seconds, not one per attempt (nats-py tries
-    every server every ``RECONNECT_WAIT`` seconds)."""
-
-    def __init__(self, options: BridgeOptions, clock: Callable[[], float]) -> None:
-        self.options = options
-        self.clock = clock
-        self.started = clock()
-        self.said: float | None = None
-
-    def note(self, exc: BaseException) -> None:
-        """One more failed attempt, for ``exc``."""
-        now, where = self.clock(), ",".join(self.options.servers)
-        if self.said is None:
-            self.said = now
-            logger.warning(
-                "cannot connect to JetStream at %s (%s): partitions %s are not read meanwhile, "
-                "so their pipes fill and the balancer keeps their events in its backlog; "
-                "retrying every %g s. Start the server, or correct jetstream.servers",
-                where,
-                describe_error(exc),
-                ",".join(map(str, self.options.partitions)),
-                RECONNECT_WAIT["reconnect_time_wait"],
-            )
-        elif now - self.said >= QUIET_RETRIES:
-            self.said = now
-            logger.warning(
-                "still cannot connect to JetStream at %s after %.0f s (%s); retrying",
-                *(where, now - self.started, describe_error(exc)),
-            )
-
-    def connected(self) -> None:
-        """The connection is up: say so if a failure was said."""
-        if self.said is not None:
-            logger.info(
-                "connected to JetStream at %s after %.0f s",
-                ",".join(self.options.servers),
-                self.clock() - self.started,
-            )
-
-
-async def open_connection(options: BridgeOptions, clock: Callable[[], float]) -> Client:
-    """Connect to the servers, retrying while none answers; BridgeError if auth is refused.
-
-    While none answers the bridge reads nothing, so the pipes fill and the balancer holds the
-    events in its backlog (Unreachable says so). A SIGTERM meanwhile cancels this."""
-    unreachable = Unreachable(options, clock)
-    connected = False
-
-    async def on_error(exc: Exception) -> None:
-        if connected:
-            logger.warning("JetStream connection: %s", exc)
-        elif not isinstance(exc, nats.errors.Error) or "auth" not in str(exc).lower():
-            unreachable.note(exc)
-
-    async def on_disconnected() -> None:
-        logger.warning("disconnected from JetStream")
-
-    async def on_reconnected() -> None:
-        logger.info("reconnected to JetStream")
-
-    try:
-        credentials = connect_options(options.credentials)
-    except ReaderError as exc:
-        raise BridgeError(str(exc)) from exc
-    delay = 0.1
-    while True:
-        connection = Client()
-        try:
-            # nats-py retries a refused TCP connection itself, for ever (max_reconnect_attempts
-            # -1), every server in turn; allow_reconnect=False makes it raise on what happens
-            # after the TCP connection (a refused login, a timeout), which this loop retries.
-            await connection.connect(
-                list(options.servers),
-                **credentials,
-                name="tradebalancer-bridge",
-                max_reconnect_attempts=-1,
-                **RECONNECT_WAIT,
-                connect_timeout=2,
-                allow_reconnect=False,
-                error_cb=on_error,
-                disconnected_cb=on_disconnected,
-                reconnected_cb=on_reconnected,
-            )
-            connection.options["allow_reconnect"] = True  # from now on, for ever
-            connected = True
-            unreachable.connected()
-            return connection
-        except nats.errors.Error as exc:
-            await connection.close()  # the failed attempt's socket
-            if "authorization" in str(exc).lower() or "auth" in type(exc).__name__.lower():
-                raise BridgeError(
-                    f"JetStream at {','.join(options.servers)} refused the credentials "
-                    f"({options.credentials or 'none'}): {exc}; check the credentials file",
-                    EX_NOPERM,
-                ) from exc
-        except (OSError, TimeoutError):
-            await connection.close()
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, RETRY_MAX)
-
-
-def describe_error(exc: BaseException) -> str:
-    """An exception in a few words: its text, or its type when it has none."""
-    return str(exc) or type(exc).__name__
-
-
-async def ensure_stream(js: JetStreamContext, options: BridgeOptions) -> None:
-    """Create the stream, or check that the existing one matches; BridgeError on a mismatch."""
-    storage = StorageType.FILE if options.storage == "file" else StorageType.MEMORY
-    wanted = f"{options.subject_prefix}.>"
-    try:
-        info = await js.stream_info(options.stream)
-    except nats.js.errors.NotFoundError:
-        if not options.create:
-            raise BridgeError(
-                f"no JetStream stream {options.stream!r} and jetstream.create is false: create "
-                f"it with subjects [{wanted!r}], or set create = true"
-            ) from None
-        await js.add_stream(
-            StreamConfig(
-                name=options.stream,
-                subjects=[wanted],
-                storage=storage,
-                num_replicas=options.replicas,
-            )
-        )
-        logger.info("created JetStream stream %s (%s, %s storage, replicas %d)",
-                    options.stream, wanted, options.storage, options.replicas)  # fmt: skip
-        return
-    config = info.config
-    problems = []
-    if wanted not in (config.subjects or []):
-        problems.append(f"subjects {config.subjects} do not include {wanted!r}")
-    if config.storage != storage:
-        problems.append(f"storage is {config.storage}, the configuration says {options.storage}")
-    if (config.num_replicas or 1) != options.replicas:
-        problems.append(
-            f"replicas is {config.num_replicas}, the configuration says {options.replicas}"
-        )
-    if problems:
-        raise BridgeError(
-            f"JetStream stream {options.stream!r} exists but {'; '.join(problems)}: change "
-            f"[feeds.NAME.jetstream] to match it, or edit the stream (nats stream edit "
-            f"{options.stream}) or remove it (nats stream rm {options.stream})"
-        )
-    logger.info("JetStream stream %s checked", options.stream)
-
-
-@dataclass(frozen=True)
-class LastMessage:
-    """The partition subject's last stored message, as far as the bridge cares."""
-
-    sequence: int = 0  # its stream sequence, 0 if the subject has none
-    msg_id: str | None = None
-    event: int | None = None  # the number of its last event (EVENT_HEADER), if it has one
-
-
-async def last_subject_message(
-    js: JetStreamContext, options: BridgeOptions, partition: int
-) -> LastMessage:
-    """The partition subject's last stored message; LastMessage() if it has none."""
-    try:
-        message = await js.get_last_msg(options.stream, options.subject(partition))
-    except nats.js.errors.NotFoundError:
-        return LastMessage()
-    headers = message.headers or {}
-    event = headers.get(EVENT_HEADER)
-    return LastMessage(
-        message.seq or 0,
-        headers.get("Nats-Msg-Id"),
-        int(event) if event is not None and event.isdigit() else None,
-    )
 
 
 class Bridge:
@@ -545,55 +336,3 @@ class Bridge:
 def number_read(slot: Slot) -> int:
     """The number of the last event the previous bridges of this run read (ledger.py)."""
     return slot.base + slot.accounted
-
-
-def parse_options(argv: Sequence[str]) -> BridgeOptions:
-    """The command line (see the module's docstring) -> BridgeOptions; exits 64 when bad."""
-    parser = argparse.ArgumentParser(prog="python -m tradebalancer.bridge")
-    parser.add_argument("--servers", required=True, help="comma-separated nats:// URLs")
-    parser.add_argument("--stream", required=True)
-    parser.add_argument("--subject-prefix", required=True)
-    parser.add_argument("--partitions", required=True, help="the pipe index of each fd: 3,4")
-    parser.add_argument("--credentials", default=None, help="a NATS .creds file")
-    parser.add_argument("--storage", choices=("file", "memory"), default="file")
-    parser.add_argument("--replicas", type=int, default=1)
-    parser.add_argument("--no-create", dest="create", action="store_false")
-    parser.add_argument("--max-batch-bytes", type=int, default=1 << 20)
-    parser.add_argument("--publish-timeout", type=float, default=5.0)
-    parser.add_argument("fds", nargs="*", help="ignored: the fds come from TRADEBALANCER_FDS")
-    args = parser.parse_args(argv)
-    return BridgeOptions(
-        servers=tuple(args.servers.split(",")),
-        stream=args.stream,
-        subject_prefix=args.subject_prefix,
-        partitions=tuple(int(part) for part in args.partitions.split(",")),
-        credentials=args.credentials,
-        storage=args.storage,
-        replicas=args.replicas,
-        create=args.create,
-        max_batch_bytes=args.max_batch_bytes,
-        publish_timeout=args.publish_timeout,
-    )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the bridge; the exit code: 0 when every pipe closed and all was stored."""
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    # Started without the key cover (plan.py: it reads the NATS credentials): keep the
-    # workers, the same user's processes, out of its memory as the balancer keeps them.
-    seal()
-    options = parse_options(sys.argv[1:] if argv is None else argv)
-    try:
-        try:
-            ledger = Ledger.from_environment(os.environ, max(options.partitions) + 1)
-        except (ValueError, OSError) as exc:
-            raise BridgeError(f"{exc}: the bridge must be started by the balancer") from exc
-        bridge = Bridge(options, fds_from_environment(), secrets.token_hex(6), ledger)
-        return asyncio.run(bridge.run_until_done())
-    except BridgeError as exc:
-        logger.error("%s", exc)
-        return exc.exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())
