@@ -316,7 +316,9 @@ def test_check_config_refuses_credentials_the_bridge_could_not_use(
     monkeypatch.setitem(sys.modules, "nkeys", None)  # as if not installed
     assert main(["--config", str(config), "check-config"]) == ExitCode.CONFIG
     err = capsys.readouterr().err
-    assert f"{key}: {creds} is a NATS .creds file, which needs the nkeys package" in err
+    assert (
+        f"{key}: the NATS credentials file {creds} is a .creds file, which needs the nkeys" in err
+    )
     assert "SUAIB" not in err
     monkeypatch.setenv("MASSIVE_API_KEY", "k-1")
     assert main(["--config", str(config), "run", "feed"]) == ExitCode.CONFIG  # run checks it too

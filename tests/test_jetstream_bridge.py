@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import nats
+import nkeys
 import pytest
 from natsserver import NatsServer, environment
 from test_jetstream import PIPES, REMOTE, processes, remote_balancer, wait_until
@@ -24,6 +25,7 @@ from test_service import expected_streams, read_records
 
 from tradebalancer.ledger import EVENT_HEADER
 from tradebalancer.reader import MessageParser
+from tradebalancer.reader.jetstream import JetStreamSource
 from tradebalancer.replay import ReplayOptions, ReplayServer
 
 __all__ = ["processes"]  # the fixture, shared with test_jetstream.py
@@ -200,3 +202,47 @@ def test_a_bridge_still_connecting_stops_on_sigterm(tmp_path: Path) -> None:
     assert os.read(read, 100) == b"\x02\x00\x00\x00{}"  # still there for the balancer to count
     os.close(read)
     os.close(write)
+
+
+def user_seed(path: Path) -> str:
+    """Write a new user NKey seed to ``path`` (mode 0600); return its public key, "U..."."""
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    path.write_bytes(seed + b"\n")
+    path.chmod(0o600)
+    return str(nkeys.from_seed(bytearray(seed)).public_key.decode())
+
+
+@pytest.mark.timeout(60)
+def test_an_nkey_seed_authenticates_the_bridge_and_the_reader(tmp_path: Path) -> None:
+    """A user NKey seed the server lists lets the bridge publish and the reader read (nats-py
+    signs the nonce through nkeys); another seed is refused, exit 77, its secret not shown."""
+    right, wrong = tmp_path / "right.nk", tmp_path / "wrong.nk"
+    server = NatsServer(tmp_path / "nats", nkeys=[user_seed(right)]).start()
+    user_seed(wrong)
+    event = b'{"ev":"T","sym":"AAPL"}'
+    try:
+        for seed, code in [(wrong, 77), (right, 0)]:
+            read, write = os.pipe()
+            os.write(write, len(event).to_bytes(4, "little") + event)
+            os.close(write)
+            argv = [
+                *(sys.executable, "-m", "tradebalancer.bridge", "--servers", server.url),
+                *("--stream", "tb", "--subject-prefix", "tb.feed", "--partitions", "0"),
+                *("--credentials", str(seed)),
+            ]
+            env = environment() | {"TRADEBALANCER_FDS": str(read)}
+            bridge = subprocess.run(
+                argv, pass_fds=(read,), env=env, capture_output=True, timeout=30, check=False
+            )
+            os.close(read)
+            assert bridge.returncode == code, bridge.stderr
+            assert seed.read_text().strip() not in bridge.stderr.decode()
+            if code:
+                assert f"refused the credentials ({wrong})" in bridge.stderr.decode()
+        source = JetStreamSource(
+            [server.url], stream="tb", durable="d", partitions=[0], credentials=str(right)
+        )
+        with source:
+            assert next(source.batches()) == (0, [event])
+    finally:
+        server.kill()

@@ -11,14 +11,14 @@ credentials.py.
 
 For a feed with a ``[feeds.NAME.jetstream]`` table it also checks what can be checked without
 a NATS server (``check_jetstream``): the credentials file is there, readable, of a kind the
-client takes (a ``.creds`` file also needs the ``nkeys`` package) and private; and it says
-where the remote partitions go (``describe_jetstream``). The server, the stream and the
-credentials' acceptance are the bridge's to check, at its start (bridge/server.py).
+client takes (a ``.creds`` file or an NKey seed also needs the ``nkeys`` package) and
+private; and it says where the remote partitions go (``describe_jetstream``). The server,
+the stream and the credentials' acceptance are the bridge's to check, at its start
+(bridge/server.py).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import stat
 from collections.abc import Mapping, Sequence
@@ -198,14 +198,9 @@ def _check_credentials(
             raise ConfigError(
                 key, f"{path} has a user JWT but no NKey seed: write the whole .creds file nsc made"
             )
-        if importlib.util.find_spec("nkeys") is None:
-            raise ConfigError(
-                key,
-                f"{path} is a NATS .creds file, which needs the nkeys package, not installed "
-                "beside this tradebalancer: install it (pip install nkeys) or use a "
-                "USER:PASSWORD or token file",
-            )
         kind = "a .creds file (user JWT and NKey seed)"
+    elif "nkeys_seed" in options:
+        kind = "a user NKey seed"
     else:
         kind = "USER:PASSWORD" if "user" in options else "a token"
     lines.append(f"jetstream credentials: {path}: {kind}, readable")
