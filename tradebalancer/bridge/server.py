@@ -98,7 +98,8 @@ async def open_connection(options: BridgeOptions, clock: Callable[[], float]) ->
             unreachable.note(exc)
 
     async def on_disconnected() -> None:
-        logger.warning("disconnected from JetStream")
+        if not connection.is_closed:  # closed: the bridge's own drain at its end, not news
+            logger.warning("disconnected from JetStream")
 
     async def on_reconnected() -> None:
         logger.info("reconnected to JetStream")
