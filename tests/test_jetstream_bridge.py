@@ -111,6 +111,9 @@ def test_a_bridge_killed_with_unstored_events_counts_them_as_not_delivered(
         warned = re.findall(
             rf"(\d+) events of partition {partition} were read by the previous", log
         )
+        # A message the killed bridge had read only the head of is one more (its successor
+        # skips the rest), and a batch the server took in late is uncounted.
+        warned += re.findall(rf"(1) event of partition {partition} was read in part", log)
         late = re.findall(rf"in tb\.feed\.{partition} after this one started: (\d+) events", log)
         assert sum(map(int, warned)) - sum(map(int, late)) == gap, log[-3000:]
     assert missing > 0, "nothing was lost: the test did not kill the bridge with events held"
