@@ -44,6 +44,7 @@ class NatsServer:
         name: str = "n0",
         *,
         users: dict[str, str] | None = None,
+        nkeys: list[str] | None = None,
         cluster_port: int | None = None,
         routes: list[int] | None = None,
     ) -> None:
@@ -53,6 +54,7 @@ class NatsServer:
         self.cluster_port = cluster_port
         self.routes = routes or []
         self.users = users
+        self.nkeys = nkeys  # public user NKeys ("U...") the server accepts
         self.process: subprocess.Popen[bytes] | None = None
         self.log = directory / f"{name}.log"
         directory.mkdir(parents=True, exist_ok=True)
@@ -67,10 +69,15 @@ class NatsServer:
             f"listen: 127.0.0.1:{self.port}",
             f'jetstream {{ store_dir: "{self.directory / self.name}" }}',
         ]
-        if self.users:
+        if self.users or self.nkeys:
             entries = ", ".join(
-                f'{{user: "{user}", password: "{password}"}}'
-                for user, password in self.users.items()
+                [
+                    *(
+                        f'{{user: "{user}", password: "{password}"}}'
+                        for user, password in (self.users or {}).items()
+                    ),
+                    *(f'{{nkey: "{key}"}}' for key in self.nkeys or []),
+                ]
             )
             lines.append(f"authorization {{ users: [{entries}] }}")
         if self.cluster_port is not None:

@@ -25,7 +25,7 @@ LAYERS: list[list[str]] = [
     # leaves: no logic of the service (the C router is split.py's loop)
     [
         *("errors", "units", "routing", "spans", "backoff", "systemd", "episode", "_fastsplit"),
-        *("histogram", "delay", "address", "frames"),
+        *("histogram", "delay", "address", "frames", "ledger"),
     ],
     ["signals", "command", "stats", "handshake", "subscriptions", "transport.keys", "delivery"],
     ["transport.kernel"],
@@ -55,9 +55,12 @@ LAYERS: list[list[str]] = [
     ],
     # what wires the parts
     ["service", "replay.server", "statusview"],
+    ["bridge.options"],
+    ["bridge.server"],
+    ["bridge.publisher"],
     ["replay.cli", "replay", "sample", "bridge"],
     ["cli"],
-    ["__main__", "replay.__main__"],
+    ["__main__", "replay.__main__", "bridge.__main__"],
 ]
 LAYER = {name: index for index, names in enumerate(LAYERS) for name in names}
 

@@ -253,3 +253,116 @@ def test_config_and_verbose_may_follow_the_command(
             check=True,
         ).stdout
         assert "--config FILE" in shown
+
+
+# -- check-config and a [feeds.NAME.jetstream] table -----------------------------------------
+
+CREDS = (
+    "-----BEGIN NATS USER JWT-----\neyJ0eXAiOiJKV1QifQ.e30.sig\n------END NATS USER JWT------\n\n"
+    "-----BEGIN USER NKEY SEED-----\nSUAIBDPBAUTWCWBKIO6XHQNINK5FWJW4OHLXC3HQ2KFE4PEJUA44CNHTC4\n"
+    "------END USER NKEY SEED------\n"
+)
+
+
+def jetstream_config(tmp_path: Path, table: str, *, pipes: int = 5) -> Path:
+    config = tmp_path / "js.toml"
+    config.write_text(
+        f'[feeds.feed]\npipes = {pipes}\ncommand = ["true"]\nworking_directory = "{tmp_path}"\n'
+        f'[feeds.feed.jetstream]\nservers = ["nats://10.0.0.5:4222"]\n{table}'
+    )
+    return config
+
+
+def test_check_config_says_where_the_remote_partitions_go(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The partitions, stream, subjects, servers and credentials kind are shown, and a
+    world-readable file or too few servers for the replicas are warnings."""
+    creds = tmp_path / "nats.creds"
+    creds.write_text("tb:Secret-9\n")
+    creds.chmod(0o644)
+    config = jetstream_config(
+        tmp_path, f'partitions = [2, 3, 4]\ncredentials_file = "{creds}"\nreplicas = 3\n'
+    )
+    assert main(["--config", str(config), "check-config"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "  jetstream: partitions 2-4 of 5 go to stream tradebalancer-feed (subjects "
+        "tradebalancer.feed.2 ... tradebalancer.feed.4; the stream takes tradebalancer.feed.>) "
+        "on nats://10.0.0.5:4222; file storage, replicas 3, created if missing; published by "
+        "the bridge (worker 2)\n"
+    ) in out
+    assert f"  jetstream credentials: {creds}: USER:PASSWORD, readable\n" in out
+    assert f"  warning: {creds} may be read by other users (mode 0644)" in out
+    assert "  warning: replicas = 3 but 1 server(s) listed" in out
+    assert "Secret-9" not in out
+
+
+def test_check_config_refuses_credentials_the_bridge_could_not_use(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A missing file, a .creds file without its seed, and a .creds file without the nkeys
+    package are each exit 78 naming the key, before anything starts."""
+    key = "feeds.feed.jetstream.credentials_file"
+    creds = tmp_path / "nats.creds"
+    config = jetstream_config(tmp_path, f'credentials_file = "{creds}"\n')
+    assert main(["--config", str(config), "check-config"]) == ExitCode.CONFIG
+    assert f"{key}: cannot read the NATS credentials file {creds}" in capsys.readouterr().err
+    creds.write_text(CREDS.split("\n\n")[0] + "\n")
+    assert main(["--config", str(config), "check-config"]) == ExitCode.CONFIG
+    assert "has a user JWT but no NKey seed" in capsys.readouterr().err
+    creds.write_text(CREDS)
+    creds.chmod(0o600)
+    monkeypatch.setitem(sys.modules, "nkeys", None)  # as if not installed
+    assert main(["--config", str(config), "check-config"]) == ExitCode.CONFIG
+    err = capsys.readouterr().err
+    assert (
+        f"{key}: the NATS credentials file {creds} is a .creds file, which needs the nkeys" in err
+    )
+    assert "SUAIB" not in err
+    monkeypatch.setenv("MASSIVE_API_KEY", "k-1")
+    assert main(["--config", str(config), "run", "feed"]) == ExitCode.CONFIG  # run checks it too
+    assert "needs the nkeys package" in capsys.readouterr().err
+
+
+def test_check_config_leaves_a_credential_of_the_unit_unchecked_unless_required(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """${CREDENTIALS_DIRECTORY} unset by hand is "not checked here"; --require-key makes it 78."""
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    monkeypatch.setenv("MASSIVE_API_KEY", "k-1")
+    config = jetstream_config(
+        tmp_path, 'credentials_file = "${CREDENTIALS_DIRECTORY}/nats.creds"\n'
+    )
+    assert main(["--config", str(config), "check-config"]) == 0
+    out = capsys.readouterr().out
+    assert "jetstream credentials: ${CREDENTIALS_DIRECTORY}/nats.creds: not checked here" in out
+    assert "--credentials '${CREDENTIALS_DIRECTORY}/nats.creds'" in out  # the bridge's argv
+    assert main(["--config", str(config), "check-config", "--require-key"]) == ExitCode.CONFIG
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    (tmp_path / "nats.creds").write_text("token-1\n")
+    (tmp_path / "nats.creds").chmod(0o600)
+    assert main(["--config", str(config), "check-config", "--require-key"]) == 0
+    assert f"jetstream credentials: {tmp_path}/nats.creds: a token, readable" in (
+        capsys.readouterr().out
+    )
+
+
+def test_check_config_warns_of_two_feeds_publishing_into_one_stream(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two feeds with the same stream on a shared server: the second bridge would stop."""
+    config = tmp_path / "two.toml"
+    table = '[feeds.{0}.jetstream]\nservers = ["nats://n:4222"]\nstream = "tb"\n'
+    config.write_text(
+        "".join(
+            f'[feeds.{name}]\npipes = 3\ncommand = ["true"]\nworking_directory = "{tmp_path}"\n'
+            f'api_key_env = ["KEY_{name}"]\n' + table.format(name)
+            for name in ("a", "b")
+        )
+    )
+    assert main(["--config", str(config), "check-config"]) == 0
+    assert (
+        "warning: feeds.a and feeds.b publish to the same JetStream stream tb on the same servers"
+        in capsys.readouterr().out
+    )

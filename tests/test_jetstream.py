@@ -344,15 +344,17 @@ def test_the_cursor_survives_a_reopen_and_never_moves_back(tmp_path: Path) -> No
         ("-----BEGIN NATS USER JWT-----\neyJ0\n------END NATS USER JWT------\n", "creds"),
         ("tb:Pa:ss\n", {"user": "tb", "password": "Pa:ss"}),
         ("s3cr3t-token\n", {"token": "s3cr3t-token"}),
+        ("SU" + "A" * 56 + "\n", "seed"),
     ],
 )
 def test_a_credentials_file_gives_the_connect_options(
     tmp_path: Path, text: str, options: object
 ) -> None:
-    """A .creds file is passed by path; one line is USER:PASSWORD or a token."""
+    """A .creds file or an NKey seed is passed by path; one line is USER:PASSWORD or a token."""
     path = tmp_path / "nats.creds"
     path.write_text(text)
-    expected = {"user_credentials": str(path)} if options == "creds" else options
+    by_path = {"creds": {"user_credentials": str(path)}, "seed": {"nkeys_seed": str(path)}}
+    expected = by_path[options] if isinstance(options, str) else options
     assert connect_options(str(path)) == expected
 
 

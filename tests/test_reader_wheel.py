@@ -164,3 +164,15 @@ def test_the_jetstream_source_needs_only_nats_py_beside_the_reader(
         assert f"no JetStream stream 'nope' at {server.url}" in run()
     finally:
         server.stop()
+
+
+@pytest.mark.timeout(600)
+def test_the_jetstream_extra_brings_nkeys_for_creds_and_seed_files(reader_python: Path) -> None:
+    """The wheel's jetstream extra asks for nats-py with nkeys, which .creds and seeds need."""
+    from importlib.metadata import PathDistribution
+
+    (info,) = (reader_python.parent.parent / "lib").glob(
+        "python3*/site-packages/tradebalancer_reader-*.dist-info"
+    )
+    requires = PathDistribution(info).requires or []
+    assert 'nats-py[nkeys]>=2.10; extra == "jetstream"' in requires

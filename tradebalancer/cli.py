@@ -220,8 +220,14 @@ def _check_feed(loaded: config.Config, feed: config.FeedConfig, *, require_key: 
         if require_key:
             raise
         key_source = "not found here (the unit loads it as a credential)"
-    plans = plan.plan_workers(feed, os.environ)
+    environ = dict(os.environ)
+    if feed.jetstream is not None and feed.jetstream.credentials_file and not require_key:
+        # Not set outside the unit (LoadCredential=): the plan shows the path unexpanded.
+        unset = config.unset_variables(feed.jetstream.credentials_file, environ)
+        environ.update({name: f"${{{name}}}" for name in unset})
+    plans = plan.plan_workers(feed, environ)
     preflight.check_plans(feed, plans)
+    remote = preflight.check_jetstream(feed, os.environ, require_credentials=require_key)
     sys.stdout.write(
         f"feeds.{feed.name}: ok: {feed.url}, subscribe {','.join(feed.subscribe)}, "
         f"{units.count(feed.pipes, 'pipe')}, {units.count(feed.workers, 'worker')}, "
@@ -231,6 +237,8 @@ def _check_feed(loaded: config.Config, feed: config.FeedConfig, *, require_key: 
         sys.stdout.write(f"  warning: {warning}\n")
     for worker in plans:
         sys.stdout.write(f"  worker {worker.index}: {shlex.join(worker.argv)}\n")
+    for line in [*preflight.describe_jetstream(feed), *remote]:
+        sys.stdout.write(f"  {line}\n")
     for name in loaded.names:
         if name == feed.name:
             continue
@@ -238,6 +246,8 @@ def _check_feed(loaded: config.Config, feed: config.FeedConfig, *, require_key: 
             other = loaded.feed(name)
         except ConfigError:
             continue  # reported on its own
+        if (clash := preflight.jetstream_clash(feed, other)) is not None:
+            sys.stdout.write(f"  {clash}\n")
         if credentials.share_a_key(feed, other, os.environ):
             sys.stdout.write(
                 f"  warning: feeds.{feed.name} and feeds.{other.name} connect to "
@@ -294,6 +304,7 @@ def run(path: str, name: str) -> int:
     feed = config.load(path).feed(name)
     api_key = credentials.resolve_api_key(feed, os.environ)
     preflight.check_plans(feed, plan.plan_workers(feed, os.environ))
+    preflight.check_jetstream(feed, os.environ, require_credentials=True)
     logger.info(
         "tradebalancer %s starting feed %s: %s, API key from %s",
         __version__,

@@ -89,7 +89,7 @@ class RestartConfig:
 
 @dataclass(frozen=True)
 class JetStreamConfig:
-    """``[feeds.NAME.jetstream]``: the partitions published to NATS JetStream (bridge.py)."""
+    """``[feeds.NAME.jetstream]``: the partitions published to NATS JetStream (bridge/)."""
 
     servers: tuple[str, ...]  # nats:// URLs of one cluster
     stream: str

@@ -11,6 +11,9 @@ pipes.
 "Delivered" is therefore "read from the pipe by a worker": an event a worker read and then
 lost in its own code (a crash) counts as delivered, and the message a worker killed mid-run
 was reading when it died is skipped by its successor's reader (``on_skip``), not counted here.
+The JetStream bridge is the exception: for it "delivered" is "stored in JetStream", and what a
+killed bridge had read and not stored is counted by its successor in the balancer's ledger
+(ledger.py); ``lost`` carries that count, per pipe, into the bridge's share as not delivered.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class WorkerAccount:
     worker: int
     delivered: int
     undelivered: int
+    lost: int = 0  # of undelivered: read by a JetStream bridge killed before they were stored
 
 
 def left_in(remainder: Iterable[bytes | memoryview]) -> int:
@@ -45,16 +49,21 @@ def left_in(remainder: Iterable[bytes | memoryview]) -> int:
 
 
 def account(
-    routed: Sequence[int], left: Mapping[int, int], owners: Mapping[int, int]
+    routed: Sequence[int],
+    left: Mapping[int, int],
+    owners: Mapping[int, int],
+    lost: Mapping[int, int] | None = None,
 ) -> list[WorkerAccount]:
-    """Each worker's account from the events ``routed`` per pipe, those ``left`` per pipe, and
-    the pipes' ``owners`` (pipe index -> worker index)."""
+    """Each worker's account from the events ``routed`` per pipe, those ``left`` per pipe, the
+    pipes' ``owners`` (pipe index -> worker index) and those a bridge ``lost`` per pipe."""
+    lost = lost or {}
     totals: dict[int, list[int]] = {}
     for pipe, worker in sorted(owners.items()):
-        total = totals.setdefault(worker, [0, 0])
-        undelivered = left.get(pipe, 0)
+        total = totals.setdefault(worker, [0, 0, 0])
+        undelivered = left.get(pipe, 0) + lost.get(pipe, 0)
         total[0] += routed[pipe] - undelivered
         total[1] += undelivered
+        total[2] += lost.get(pipe, 0)
     return [WorkerAccount(worker, *totals[worker]) for worker in sorted(totals)]
 
 
@@ -62,9 +71,10 @@ def tally(
     routed: Sequence[int],
     remainders: Iterable[tuple[int, Iterable[bytes | memoryview]]],
     owners: Mapping[int, int],
+    lost: Mapping[int, int] | None = None,
 ) -> list[WorkerAccount]:
     """``account`` from each pipe's (index, remainder) as the stop left it."""
-    return account(routed, {index: left_in(rest) for index, rest in remainders}, owners)
+    return account(routed, {index: left_in(rest) for index, rest in remainders}, owners, lost)
 
 
 def describe(accounts: Sequence[WorkerAccount]) -> str:
@@ -74,11 +84,18 @@ def describe(accounts: Sequence[WorkerAccount]) -> str:
     shares = "; ".join(
         f"worker {a.worker} {a.delivered:,}"
         + (f" delivered, {a.undelivered:,} not delivered" if a.undelivered else "")
+        + (f" ({a.lost:,} lost by a killed JetStream bridge)" if a.lost else "")
         for a in accounts
     )
     if not undelivered:
         return f"stopped: all {count(delivered, 'event')} delivered ({shares})"
+    lost = sum(a.lost for a in accounts)
+    where = "left in the pipes of workers that did not read them"
+    if lost == undelivered:
+        where = "read by a JetStream bridge that was killed before they were stored"
+    elif lost:
+        where += ", or read by a JetStream bridge killed before they were stored"
     return (
         f"stopped: {count(undelivered, 'event')} of {delivered + undelivered:,} not delivered, "
-        f"left in the pipes of workers that did not read them ({shares})"
+        f"{where} ({shares})"
     )

@@ -18,9 +18,10 @@ but the environment it is given.
 
 * The partitions ``[feeds.NAME.jetstream]`` names are not local: the workers share the other
   pipes (blocks as above over the local pipes, in order), and one more worker, the bridge
-  (``python -m tradebalancer.bridge``, bridge.py), reads the remote ones and publishes them. It
+  (``python -m tradebalancer.bridge``, bridge/), reads the remote ones and publishes them. It
   is the package's own code, not the user's: it is ``trusted``, started without the cover that
-  hides the credentials (keyguard.py), since it reads the NATS credentials file.
+  hides the credentials (keyguard.py), since it reads the NATS credentials file. It also gets
+  one fd more after its pipes, the balancer's ledger (ledger.py), named by ``LEDGER_VARIABLE``.
 
 Check-config renders every worker's plan, so a bad template fails there (exit 78), not at the
 spawn of worker 5 an hour later.
@@ -33,6 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .config import FeedConfig, expand_variables
+from .ledger import LEDGER_VARIABLE
 from .reader.format import FDS_VARIABLE, FIRST_FD
 
 __all__ = [
@@ -75,6 +77,7 @@ class WorkerPlan:
     cwd: str
     env: Mapping[str, str]
     trusted: bool = False  # the package's own bridge: no key cover (keyguard.py)
+    ledger: bool = False  # the bridge: gets the balancer's ledger fd after its pipes (ledger.py)
 
 
 def plan_workers(feed: FeedConfig, environ: Mapping[str, str]) -> list[WorkerPlan]:
@@ -93,7 +96,9 @@ def plan_workers(feed: FeedConfig, environ: Mapping[str, str]) -> list[WorkerPla
     if feed.jetstream is not None:
         index, pipes = len(plans), feed.jetstream.partitions
         argv = tuple(bridge_argv(feed, environ))
-        plans.append(WorkerPlan(index, pipes, argv, cwd, _env(base, index, pipes), trusted=True))
+        env = _env(base, index, pipes)
+        env[LEDGER_VARIABLE] = str(FIRST_FD + len(pipes))  # the fd after its pipes
+        plans.append(WorkerPlan(index, pipes, argv, cwd, env, trusted=True, ledger=True))
     return plans
 
 
@@ -116,7 +121,7 @@ def local_workers(feed: FeedConfig) -> int:
 
 
 def bridge_argv(feed: FeedConfig, environ: Mapping[str, str]) -> list[str]:
-    """The bridge's command line for ``feed``'s JetStream partitions (bridge.py parses it)."""
+    """The bridge's command line for ``feed``'s JetStream partitions (bridge/options.py)."""
     jetstream = feed.jetstream
     assert jetstream is not None
     argv = [

@@ -40,6 +40,7 @@ from .connection import FeedConnection
 from .control import Endpoints
 from .errors import AuthError, ConfigError, ExitCode, KernelTLSUnavailable, TradeBalancerError
 from .forward import Forwarder
+from .ledger import Ledger
 from .listener import Client, Listener
 from .pipes import Pipe, PipeSet, pipe_max_size
 from .plan import plan_workers
@@ -88,6 +89,7 @@ class Service:
         self.exit_code = ExitCode.OK
         self.pipes = PipeSet([])
         self.pool: WorkerPool | None = None
+        self.ledger: Ledger | None = None
         self.forwarder: Forwarder | None = None
         self.connection: FeedConnection | None = None
         self.poller = Poller()
@@ -158,7 +160,10 @@ class Service:
             config, self.pipes, self.stats, owners, clock=self.clock, wall=self.wall
         )
         read_fds = [pipe.read_fd for pipe in self.pipes]
-        self.pool = WorkerPool.from_plans(plans, read_fds, config, cover)
+        if config.jetstream is not None:  # what a bridge read, kept past its death (ledger.py)
+            self.ledger = Ledger.create(config.pipes)
+        ledger_fd = self.ledger.fd if self.ledger is not None else None
+        self.pool = WorkerPool.from_plans(plans, read_fds, config, cover, ledger_fd)
         self.pool.spawn_all(self.clock())
 
     # -- the loop --------------------------------------------------------------------------
@@ -387,7 +392,10 @@ class Service:
         if self.forwarder is not None and pool is not None:
             remainders = [(pipe.index, pipe.remainder()) for pipe in self.pipes]
             accounts = delivery.tally(
-                self.forwarder.splitter.pipe_events(), remainders, self.forwarder.pipe_owners
+                self.forwarder.splitter.pipe_events(),
+                remainders,
+                self.forwarder.pipe_owners,
+                self.ledger.lost() if self.ledger is not None else {},
             )
             if any(account.undelivered for account in accounts):
                 logger.error("%s", delivery.describe(accounts))
@@ -396,4 +404,6 @@ class Service:
             else:
                 logger.info("%s", delivery.describe(accounts))
         self.pipes.close()
+        if self.ledger is not None:
+            self.ledger.close()
         self.poller.close()

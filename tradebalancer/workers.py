@@ -42,6 +42,7 @@ from .keyguard import Cover
 from .plan import WorkerPlan
 from .reader.format import FIRST_FD
 from .signals import HANDLED
+from .units import format_ranges
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class Worker:
 
     index: int
     argv: list[str]
-    read_fds: list[int]  # the balancer's read ends of this worker's pipes, in pipe order
+    read_fds: list[int]  # the balancer's read ends of its pipes, in pipe order (then the ledger)
     pipe_indexes: list[int]
     env: Mapping[str, str] = field(default_factory=dict)  # its whole environment (plan.py)
     trusted: bool = False  # the package's own bridge: started without the key cover
@@ -237,13 +238,16 @@ class WorkerPool:
         read_fds: Sequence[int],
         feed: FeedConfig,
         cover: Cover | None = None,
+        ledger_fd: int | None = None,
     ) -> WorkerPool:
-        """The pool of ``feed``'s planned workers; ``read_fds[i]`` is pipe i's read end."""
+        """The pool of ``feed``'s planned workers; ``read_fds[i]`` is pipe i's read end, and
+        ``ledger_fd`` goes after the pipes of the plan that asks for it (the bridge)."""
         workers = [
             Worker(
                 index=plan.index,
                 argv=list(plan.argv),
-                read_fds=[read_fds[pipe] for pipe in plan.pipes],
+                read_fds=[read_fds[pipe] for pipe in plan.pipes]
+                + ([ledger_fd] if plan.ledger and ledger_fd is not None else []),
                 pipe_indexes=list(plan.pipes),
                 env=plan.env,
                 trusted=plan.trusted,
@@ -268,7 +272,7 @@ class WorkerPool:
                 "worker %d started (pid %d) on pipes %s: %s",
                 worker.index,
                 worker.pid,
-                _ranges(worker.pipe_indexes),
+                format_ranges(worker.pipe_indexes),
                 " ".join(worker.argv),
             )
 
@@ -330,7 +334,7 @@ class WorkerPool:
                     worker.index,
                     worker.pid,
                     worker.restarts,
-                    _ranges(worker.pipe_indexes),
+                    format_ranges(worker.pipe_indexes),
                 )
         return self.restarts - before
 
@@ -407,20 +411,6 @@ class WorkerPool:
                 worker.index,
                 _POLICY_NAMES.get(policy, f"scheduling policy {policy}"),
             )
-
-
-def _ranges(indexes: Sequence[int]) -> str:
-    """Format pipe indexes compactly: [0, 1, 2, 5] -> '0-2,5'."""
-    items = sorted(indexes)
-    parts: list[str] = []
-    i = 0
-    while i < len(items):
-        j = i
-        while j + 1 < len(items) and items[j + 1] == items[j] + 1:
-            j += 1
-        parts.append(str(items[i]) if i == j else f"{items[i]}-{items[j]}")
-        i = j + 1
-    return ",".join(parts)
 
 
 if sys.platform != "linux":  # pragma: no cover

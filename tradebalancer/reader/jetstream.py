@@ -46,8 +46,10 @@ Guarantees, and how they are kept
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import os
+import re
 import struct
 from collections.abc import AsyncIterator, Iterator, Sequence
 from types import TracebackType
@@ -59,20 +61,23 @@ __all__ = ["Cursor", "JetStreamSource", "connect_options"]
 
 logger = logging.getLogger(__name__)
 
-_CURSOR = struct.Struct("<QQ")
+_USER_SEED = re.compile(r"SU[A-Z2-7]{56}")  # a user NKey seed: 'S' for seed, 'U' for user
+_CURSOR = struct.Struct("<QQ")  # the message's stream sequence, the events handed over
 # Seconds before the client tries a server it just lost again (nats-py annotates an int and
 # takes a float): a cluster's other servers are tried at once.
-RECONNECT_WAIT: dict[str, Any] = {
-    "reconnect_time_wait": 0.25
-}  # the message's stream sequence, the events handed over
+RECONNECT_WAIT: dict[str, Any] = {"reconnect_time_wait": 0.25}
 
 
 def connect_options(path: str | None) -> dict[str, Any]:
     """The nats.connect() arguments a credentials file gives; the bridge reads it the same way.
 
-    A NATS ``.creds`` file (a user JWT and its NKey seed, as ``nsc`` writes it; needs the
-    ``nkeys`` package) is passed on by path; any other file holds one line, ``USER:PASSWORD``
-    or a token. The secret never appears in an error message.
+    A NATS ``.creds`` file (a user JWT and its NKey seed, as ``nsc`` writes it) and a file
+    holding one user NKey seed (``SU`` and 56 more base32 characters, as ``nk -gen user``
+    writes it; the server lists the public key, ``authorization { users = [{nkey: U...}] }``)
+    are passed on by path: nats-py signs the server's nonce with the seed, through the
+    ``nkeys`` package (``pip install 'tradebalancer-reader[jetstream]'`` installs it). Any
+    other file holds one line, ``USER:PASSWORD`` or a token. The secret never appears in an
+    error message.
     """
     if path is None:
         return {}
@@ -84,9 +89,18 @@ def connect_options(path: str | None) -> dict[str, Any]:
             f"cannot read the NATS credentials file {path}: {getattr(exc, 'strerror', exc)}; "
             f"check the path and that this user may read it"
         ) from exc
-    if "BEGIN NATS USER JWT" in text:
-        return {"user_credentials": path}
     line = text.strip()
+    if "BEGIN NATS USER JWT" in text or _USER_SEED.fullmatch(line):
+        if importlib.util.find_spec("nkeys") is None:
+            kind = ".creds file" if "BEGIN NATS USER JWT" in text else "user NKey seed"
+            raise ReaderError(
+                f"the NATS credentials file {path} is a {kind}, which needs the nkeys package, "
+                "not installed beside this Python: pip install nkeys (or the jetstream extra), "
+                "or use a USER:PASSWORD or token file"
+            )
+        if "BEGIN NATS USER JWT" in text:
+            return {"user_credentials": path}
+        return {"nkeys_seed": path}
     if not line or "\n" in line:
         raise ReaderError(
             f"the NATS credentials file {path} must be a .creds file or one line, "
