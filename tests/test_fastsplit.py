@@ -363,7 +363,8 @@ def test_the_c_check_refuses_each_kind_of_invalid_json() -> None:
 # sixty-four bytes a step (the feed's layout; True only for valid JSON, False for the rest).
 tokens = _fastsplit._valid_json_tokens
 blocks = getattr(_fastsplit, "_valid_json_blocks", None)
-CHECKS = [check for check in (valid_ascii_json, tokens, blocks) if check is not None]
+blocks_sse2 = getattr(_fastsplit, "_valid_json_blocks_sse2", None)  # the same, 16 bytes a load
+CHECKS = [check for check in (valid_ascii_json, tokens, blocks, blocks_sse2) if check is not None]
 needs_blocks = pytest.mark.skipif(blocks is None, reason="built without SSE2: one reader")
 
 
@@ -376,8 +377,9 @@ def agree(data: bytes) -> None:
     """The readers give valid_ascii_json's answer, the block reader True only if valid."""
     valid = valid_ascii_json(data)
     assert tokens(data) == valid, data
-    if blocks is not None:
+    if blocks is not None and blocks_sse2 is not None:
         assert not blocks(data) or valid, data
+        assert blocks(data) == blocks_sse2(data), data  # the AVX2 build is the SSE2 one's twin
     if valid:
         assert orjson_takes(data), data
 
@@ -390,7 +392,16 @@ def test_the_feed_takes_the_block_reader() -> None:
     assert feed
     for frame in [*feed, b"[]", b"{}", b'[{"ev":"T","c":[],"n":{"a":[-0.5,0,10]}}]']:
         assert blocks(frame), frame[:100]
+        assert blocks_sse2 is not None and blocks_sse2(frame), frame[:100]
         assert valid_ascii_json(frame)
+
+
+@needs_blocks
+def test_the_router_uses_the_widest_build_this_cpu_has() -> None:
+    """AVX2 where /proc/cpuinfo lists it (x86-64-v3), the SSE2 build elsewhere."""
+    with open("/proc/cpuinfo") as cpuinfo:
+        avx2 = " avx2" in cpuinfo.read()
+    assert _fastsplit.block_reader == ("avx2" if avx2 else "sse2")
 
 
 @needs_blocks
@@ -410,8 +421,8 @@ def test_the_feed_takes_the_block_reader() -> None:
 )
 def test_the_block_reader_leaves_the_rest_to_the_token_reader(frame: bytes) -> None:
     """Whatever the feed does not write is the token reader's, valid or not."""
-    assert blocks is not None
-    assert not blocks(frame)
+    assert blocks is not None and blocks_sse2 is not None
+    assert not blocks(frame) and not blocks_sse2(frame)
     assert valid_ascii_json(frame) == tokens(frame) == orjson_takes(frame)
 
 

@@ -22,3 +22,6 @@ def plain_frames(buffer: bytes | bytearray | memoryview, start: int, max_size: i
 def valid_ascii_json(buffer: bytes | bytearray | memoryview, /) -> bool: ...
 def _valid_json_tokens(buffer: bytes | bytearray | memoryview, /) -> bool: ...
 def _valid_json_blocks(buffer: bytes | bytearray | memoryview, /) -> bool: ...  # SSE2 builds
+def _valid_json_blocks_sse2(buffer: bytes | bytearray | memoryview, /) -> bool: ...  # SSE2 builds
+
+block_reader: str  # the block reader's build the router uses: "avx2", "sse2" or "none"
