@@ -106,15 +106,19 @@ async def stream_leader(url: str) -> str:
         await connection.close()
 
 
-def remote_balancer(tmp_path: Path, url: str, servers: str, extra: str = "") -> Balancer:
-    """The balancer with partitions 2 and 3 on JetStream (stream "tb"), 0 and 1 on pipes."""
+def remote_balancer(
+    tmp_path: Path, url: str, servers: str, extra: str = "", feed_extra: str = ""
+) -> Balancer:
+    """The balancer with partitions 2 and 3 on JetStream (stream "tb"), 0 and 1 on pipes;
+    ``extra`` goes into the jetstream table, ``feed_extra`` into the feed's."""
     return Balancer(
         tmp_path,
         url,
         pipes=PIPES,
         workers=1,
         extra=(
-            f"[feeds.feed.jetstream]\nservers = {servers.split(',')!r}\n".replace("'", '"')
+            feed_extra
+            + f"\n[feeds.feed.jetstream]\nservers = {servers.split(',')!r}\n".replace("'", '"')
             + f'stream = "tb"\nsubject_prefix = "tb.feed"\npartitions = {REMOTE}\n{extra}'
         ),
         environ={"PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent)])},

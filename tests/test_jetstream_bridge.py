@@ -20,6 +20,7 @@ import nats
 import nkeys
 import pytest
 from natsserver import NatsServer, environment
+from test_control import free_port, scrape
 from test_jetstream import PIPES, REMOTE, processes, remote_balancer, wait_until
 from test_service import expected_streams, read_records
 
@@ -55,6 +56,19 @@ def bridge_pid(log: str) -> int:
     return int(pids[-1])
 
 
+def counted_lost(log: str) -> dict[int, int]:
+    """Per partition, the events the log says a bridge read and never stored, net of late ones."""
+    counted: dict[int, int] = {}
+    for partition in REMOTE:
+        warned = re.findall(
+            rf"(\d+) events of partition {partition} were read by the previous", log
+        )
+        warned += re.findall(rf"(1) event of partition {partition} was read in part", log)
+        late = re.findall(rf"in tb\.feed\.{partition} after this one started: (\d+) events", log)
+        counted[partition] = sum(map(int, warned)) - sum(map(int, late))
+    return {partition: count for partition, count in counted.items() if count}
+
+
 @pytest.mark.timeout(150)
 def test_a_bridge_killed_with_unstored_events_counts_them_as_not_delivered(
     tmp_path: Path, processes: list[object]
@@ -66,9 +80,14 @@ def test_a_bridge_killed_with_unstored_events_counts_them_as_not_delivered(
     events, seed = 20_000, 21
     expected = expected_streams(events, seed, PIPES)
     options = ReplayOptions(events=events, seed=seed, rate=4_000)
+    port = free_port()
     with ReplayServer(options) as feed:
         balancer = remote_balancer(
-            tmp_path, feed.url, server.url, "max_batch_bytes = 8192\npublish_timeout = 1.0"
+            tmp_path,
+            feed.url,
+            server.url,
+            "max_batch_bytes = 8192\npublish_timeout = 1.0",
+            feed_extra=f'metrics = "127.0.0.1:{port}"',
         )
         processes.append(balancer)
         wait_until(lambda: "JetStream stream tb" in balancer.log_text(), "the stream", 30)
@@ -89,6 +108,17 @@ def test_a_bridge_killed_with_unstored_events_counts_them_as_not_delivered(
             what="every local event",
         )
         time.sleep(1.0)  # the feed's last remote events into the pipes
+
+        def lost_in_metrics() -> bool:  # as the log counts them, now
+            lost = scrape(port)["tradebalancer_pipe_lost_events_total"]
+            by_pipe = {int(dict(labels)["pipe"]): value for labels, value in lost.items()}
+            counted = counted_lost(balancer.log_text())
+            return (
+                by_pipe == {p: counted.get(p, 0) for p in range(PIPES)}
+                and sum(counted.values()) > 0
+            )
+
+        wait_until(lost_in_metrics, "the lost events in the metrics", 10)
         assert balancer.stop() == 75, balancer.log_text()[-3000:]
     log = balancer.log_text()
     stored = asyncio.run(read_stream(server.url))

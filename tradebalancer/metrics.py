@@ -169,12 +169,19 @@ def _per_pipe(pipes: list[Mapping[str, Any]]) -> Iterator[Metric]:
         "Bytes held for each pipe's worker because its pipe is full.",
         labels=labels,
     )
+    lost = CounterMetricFamily(
+        "tradebalancer_pipe_lost_events",
+        "Events a JetStream bridge read from each pipe and never stored, counted by the bridge "
+        "that followed it: not delivered (0 for pipes to local workers).",
+        labels=labels,
+    )
     for pipe in pipes:
         key = [str(pipe["index"]), str(pipe["worker"])]
         events.add_metric(key, pipe["events"])
         written.add_metric(key, pipe["written"])
         backlog.add_metric(key, pipe["backlog"])
-    yield from (events, written, backlog)
+        lost.add_metric(key, pipe.get("lost", 0))
+    yield from (events, written, backlog, lost)
 
 
 def _per_worker(workers: list[Mapping[str, Any]]) -> Iterator[Metric]:
@@ -230,6 +237,7 @@ def gather(
     *,
     received_bytes: int,  # by the connection under way: stats count those that are over
     now: float,
+    lost: Mapping[int, int] | None = None,  # pipe -> events a bridge read, never stored
 ) -> Snapshot:
     """The instance's numbers now, as one JSON-able dict (the layout ``SCHEMA`` names)."""
     snapshot: Snapshot = process_facts() | {
@@ -280,6 +288,7 @@ def gather(
                 "events": pipe_events[pipe.index],
                 "written": pipe.bytes_written,
                 "backlog": pipe.backlog_bytes,
+                "lost": (lost or {}).get(pipe.index, 0),
             }
             for pipe in pipes
         ],

@@ -354,6 +354,7 @@ class Service:
             self.pool,
             received_bytes=connection.received_bytes if connection else 0,
             now=now,
+            lost=self.ledger.lost() if self.ledger is not None else None,
         )
 
     def _open_endpoints(self) -> None:
