@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 from debpackages import DISTS, UPGRADE_VERSION, Packages, debian_version
 from tlsca import make_ca
-from vm import SUITES, VMResult, run_in_vm, vm_available
+from vm import SUITES, VMResult, run_scenario, vm_available
 
 import tradebalancer
 from tradebalancer.replay import synth
@@ -36,7 +36,6 @@ from tradebalancer.replay import synth
 ROOT = Path(__file__).resolve().parent.parent
 BUILD_REPO = ROOT / "packaging" / "build-repo.sh"
 README = ROOT / "README.md"
-SCENARIO = Path(__file__).resolve().parent / "vm" / "scenarios" / "apt-repo.sh"
 KEYRING = "tradebalancer-archive-keyring.asc"
 # The address README's lines name; the guest gets the host's server in its place.
 README_URL = "https://apt.example.org/tradebalancer"
@@ -351,7 +350,7 @@ def guest(
         lines = [line.replace(README_URL, url) for line in readme_install_lines()]
         (share / "readme-install.sh").write_text("\n".join(lines) + "\n")
         (share / "scenario.env").write_text(f"REPO_URL={url}\nKEY={KEY}\n")
-        result = run_in_vm(SCENARIO.read_text(), share, timeout=VM_TIMEOUT, suite=dist)
+        result = run_scenario("apt-repo.sh", share, timeout=VM_TIMEOUT, suite=dist)
     finally:
         server.close()
     results: dict[str, str] = {}

@@ -31,14 +31,13 @@ from debpackages import UPGRADE_VERSION, Packages, debian_version
 from test_packaging import read_key_values
 from test_service import expected_streams
 from tlsca import make_ca
-from vm import SUITES, VMResult, ensure_image, run_in_vm, vm_available
+from vm import SUITES, VMResult, ensure_image, run_scenario, vm_available
 
 import tradebalancer
 from tradebalancer.errors import ExitCode
 from tradebalancer.replay import synth
 
 REPO = Path(__file__).resolve().parent.parent
-SCENARIO = Path(__file__).resolve().parent / "vm" / "scenarios" / "systemd-e2e.sh"
 SINK = REPO / "bench" / "sink.py"
 SNOOP = REPO / "tests" / "snoop.py"
 SYSTEMD = REPO / "systemd"
@@ -243,7 +242,7 @@ def scenario(
     share = base / "share"
     share.mkdir()
     prepare_share(share, debs, expected)
-    guest = run_in_vm(SCENARIO.read_text(), share, timeout=VM_TIMEOUT, image=image)
+    guest = run_scenario("systemd-e2e.sh", share, timeout=VM_TIMEOUT, image=image)
     results = read_results(share / "results" / "results.env")
     print(
         f"\nend-to-end scenario on {dist}: packages built in {build_seconds:.0f} s, guest ran "

@@ -25,10 +25,9 @@ import pytest
 from debpackages import Packages
 from test_e2e_systemd import read_results
 from test_service import expected_streams
-from vm import SUITES, VMResult, ensure_image, run_in_vm, vm_available
+from vm import SUITES, VMResult, ensure_image, run_scenario, vm_available
 
 REPO = Path(__file__).resolve().parent.parent
-SCENARIO = Path(__file__).resolve().parent / "vm" / "scenarios" / "jetstream-bridge.sh"
 EVENTS, SEED, PIPES = 20_000, 20_261_206, 3
 KEY = "vm-jetstream-key-51c2"
 
@@ -81,7 +80,7 @@ def scenario(
         "NKEY_PUBLIC": public,
     }
     (share / "scenario.env").write_text("".join(f"{k}={v}\n" for k, v in parameters.items()))
-    guest = run_in_vm(SCENARIO.read_text(), share, timeout=600, image=image)
+    guest = run_scenario("jetstream-bridge.sh", share, timeout=600, image=image)
     print(
         f"\njetstream scenario, {dist}: package built in {built:.0f} s, guest ran "
         f"{guest.seconds:.0f} s (boot included), exit {guest.exit_code}; share {share}"

@@ -22,6 +22,7 @@ from .vm import (
     image_name,
     qemu_command,
     run_in_vm,
+    run_scenario,
     vm_available,
 )
 
@@ -39,5 +40,6 @@ __all__ = [
     "image_name",
     "qemu_command",
     "run_in_vm",
+    "run_scenario",
     "vm_available",
 ]

@@ -50,7 +50,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 __all__ = [
     "DEFAULT_SUITE",
@@ -317,6 +317,16 @@ def qemu_command(
     ]
     argv += ["-nic", "user,model=virtio-net-pci"] if network else ["-nic", "none"]
     return argv
+
+
+SCENARIOS = Path(__file__).resolve().parent / "scenarios"
+
+
+def run_scenario(name: str, share: Path, **options: Any) -> VMResult:
+    """Run scenarios/NAME in the guest as `run_in_vm` does, with scenarios/common.sh, which
+    each scenario sources first, beside it in the share."""
+    extra = {"common.sh": SCENARIOS / "common.sh", **options.pop("extra_files", {})}
+    return run_in_vm((SCENARIOS / name).read_text(), share, extra_files=extra, **options)
 
 
 def run_in_vm(

@@ -19,34 +19,10 @@
 # results/results.env; the host-side test judges it.
 #
 # Parameters (scenario.env): REPO_URL, KEY.
-set -u
-share=/mnt/share
+# shellcheck source=common.sh
+. /mnt/share/common.sh
 www=$share/www
-out=$share/results
-unit=tradebalancer@feed.service
-python=/usr/lib/tradebalancer/venv/bin/python3
-mkdir -p "$out"
-: >"$out/results.env"
-# shellcheck source=/dev/null
-. "$share/scenario.env"
-export DEBIAN_FRONTEND=noninteractive SYSTEMD_PAGER=cat LC_ALL=C.UTF-8
 
-record() {
-	printf '%s=%s\n' "$1" "$(printf '%s' "$2" | tr '\n' ' ')" >>"$out/results.env"
-}
-step() { echo "== $(date +%T.%3N) $*"; }
-wait_for() {
-	local deadline=$(($(date +%s) + $1))
-	shift
-	until "$@"; do
-		[ "$(date +%s)" -lt "$deadline" ] || return 1
-		sleep 0.25
-	done
-}
-prop() { systemctl show -P "$1" "$unit"; }
-active() { systemctl is-active --quiet "$unit"; }
-main_pid_is_not() { [ "$(prop MainPID)" != "$1" ] && [ "$(prop MainPID)" != 0 ]; }
-journal_has() { journalctl -u "$unit" --since "@$1" -o cat --no-pager | grep -qF "$2"; }
 installed() { dpkg-query -W -f='${Version}' tradebalancer 2>/dev/null; }
 candidate() { apt-cache policy tradebalancer | sed -n 's/^ *Candidate: //p'; }
 config_sha() { sha256sum /etc/tradebalancer.toml | cut -d' ' -f1; }

@@ -10,31 +10,10 @@
 # judges them.
 #
 # Parameters (scenario.env): DEB, KEY, EVENTS, SEED, PIPES, NKEY_PUBLIC (the seed is nats.nk).
-set -u
-share=/mnt/share
-out=$share/results
-unit=tradebalancer@feed.service
+# shellcheck source=common.sh
+. /mnt/share/common.sh
 state=/var/lib/private/tradebalancer/feed
-python=/usr/lib/tradebalancer/venv/bin/python3
-mkdir -p "$out"
-: >"$out/results.env"
-# shellcheck source=/dev/null
-. "$share/scenario.env"
-export DEBIAN_FRONTEND=noninteractive SYSTEMD_PAGER=cat LC_ALL=C.UTF-8
 
-record() {
-	printf '%s=%s\n' "$1" "$(printf '%s' "$2" | tr '\n' ' ')" >>"$out/results.env"
-}
-step() { echo "== $(date +%T.%3N) $*"; }
-wait_for() {
-	local deadline=$(($(date +%s) + $1))
-	shift
-	until "$@"; do
-		[ "$(date +%s)" -lt "$deadline" ] || return 1
-		sleep 0.25
-	done
-}
-prop() { systemctl show -P "$1" "$unit"; }
 listening() { "$python" -c "import socket; socket.create_connection(('127.0.0.1', $1), 1)" 2>/dev/null; }
 
 step "install $DEB"

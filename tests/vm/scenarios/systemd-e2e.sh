@@ -11,43 +11,16 @@
 # Parameters come from scenario.env, written by the host beside this script in the share:
 # DEB1, DEB2 (file names in the share), KEY, WRONG_KEY, EVENTS, SEED, PIPES, WORKERS,
 # WATCHDOG_SEC, LOOP_RECORDING (a recording file in the share, for the endless replay).
-set -u
-share=/mnt/share
-out=$share/results
-unit=tradebalancer@feed.service
+# shellcheck source=common.sh
+. /mnt/share/common.sh
 state=/var/lib/private/tradebalancer/feed
-python=/usr/lib/tradebalancer/venv/bin/python3
-mkdir -p "$out"
-: >"$out/results.env"
-# shellcheck source=/dev/null
-. "$share/scenario.env"
-export DEBIAN_FRONTEND=noninteractive SYSTEMD_PAGER=cat LC_ALL=C.UTF-8
 
-# record KEY VALUE: one result line; the value is folded onto one line.
-record() {
-	printf '%s=%s\n' "$1" "$(printf '%s' "$2" | tr '\n' ' ')" >>"$out/results.env"
-}
-step() { echo "== $(date +%T.%3N) $*"; }
 clock() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(clock)" 'BEGIN { printf "%.2f", b - a }'; }
-# wait_for SECONDS COMMAND...: run COMMAND every 0.25 s until it succeeds; 1 on timeout.
-wait_for() {
-	local deadline=$(($(date +%s) + $1))
-	shift
-	until "$@"; do
-		[ "$(date +%s)" -lt "$deadline" ] || return 1
-		sleep 0.25
-	done
-}
-prop() { systemctl show -P "$1" "$unit"; }
-main_pid_is_not() { [ "$(prop MainPID)" != "$1" ] && [ "$(prop MainPID)" != 0 ]; }
 restarted_since() { [ "$(prop NRestarts)" -gt "$1" ] && main_pid_is_not "$2" && active; }
-active() { systemctl is-active --quiet "$unit"; }
 failed() { systemctl is-failed --quiet "$unit"; }
 inactive_or_failed() { ! systemctl is-active --quiet "$unit" && [ "$(prop ActiveState)" != deactivating ]; }
 files_exist() { for f; do [ -e "$f" ] || return 1; done; }
-# journal_has SINCE TEXT: the instance logged TEXT since the epoch second SINCE.
-journal_has() { journalctl -u "$unit" --since "@$1" -o cat --no-pager | grep -qF "$2"; }
 # status_streaming FILE: `systemctl status` shows the instance streaming at a non-zero rate
 # (kept in FILE).
 status_streaming() {
