@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from .config import MAX_PIPES, FeedConfig
-from .delay import DelayWatch, event_time
+from .delay import DelayWatch
 from .episode import Episode
 from .errors import FrameError
 from .frames import Run
@@ -103,7 +103,7 @@ class Forwarder:
         out = self._out
         status: list[bytes] = []
         stamps: list[float] = []
-        route = self.splitter.route
+        route = self.splitter.route_message
         max_size = self.config.max_message_size
         events = frames = 0
         for message in messages:
@@ -117,12 +117,9 @@ class Forwarder:
                 continue
             frames += 1
             try:
-                events += route(message, out, status)
+                events += route(message, out, status, stamps)
             except FrameError as exc:
                 self._log_rejected(exc, now)
-                continue
-            if (stamp := event_time(message)) is not None:
-                stamps.append(stamp)
         if stamps:
             self._observe(stamps, now)
         stats = self.stats

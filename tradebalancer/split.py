@@ -313,16 +313,22 @@ class Splitter:
             bounds = frame_bounds(run, at, max_size)
             assert bounds is not None and bounds[0], "route_frames takes whole plain frames"
             _plain, payload, at = bounds
-            message = bytes(run[payload:at])
             frames += 1
             try:
-                events += self._route_python(message, out, status)
+                events += self.route_message(bytes(run[payload:at]), out, status, stamps)
             except FrameError as exc:
                 rejected.append(exc)
-                continue
-            if (stamp := event_time(message)) is not None:
-                stamps.append(stamp)
         return frames, events, rejected
+
+    def route_message(
+        self, message: bytes, out: list[list[bytes]], status: list[bytes], stamps: list[float]
+    ) -> int:
+        """``route`` one message, and put its ``event_time`` in ``stamps`` once it is routed
+        (a rejected frame has no sample): what ``route_frames`` does for each of a run's."""
+        routed = self.route(message, out, status)
+        if (stamp := event_time(message)) is not None:
+            stamps.append(stamp)
+        return routed
 
     def _route_python(self, frame: bytes, out: list[list[bytes]], status: list[bytes]) -> int:
         try:
