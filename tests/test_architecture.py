@@ -27,7 +27,10 @@ LAYERS: list[list[str]] = [
         *("errors", "units", "routing", "spans", "backoff", "systemd", "episode", "_fastsplit"),
         *("histogram", "delay", "address", "frames", "ledger"),
     ],
-    ["signals", "command", "stats", "handshake", "subscriptions", "transport.keys", "delivery"],
+    [
+        *("signals", "command", "stats", "handshake", "subscriptions", "transport.keys"),
+        *("delivery", "websocket"),
+    ],
     ["transport.kernel"],
     # the parts, each sans-I/O or the owner of one kind of fd
     [

@@ -1,12 +1,11 @@
 """The Massive (Polygon.io) feed protocol, sans-I/O: bytes in, data messages out, bytes to send.
 
-Owns one websocket connection's conversation with the feed: the HTTP upgrade and the websocket
-framing (websockets' sans-I/O ``ClientProtocol``; once streaming, the plain data frames are
-walked in the receive buffer by frames.py and handed on as ``Run`` views, uncopied, and
-websockets sees every other frame whole), reassembly of fragmented messages, the feed's own
-handshake, and the client keepalive. It does no networking and never
-reads the clock: the service hands it bytes and ``now``, and takes back the data messages, the
-bytes to send and, when the conversation is over, the reason (``error``).
+Owns one connection's conversation with the feed over its websocket (websocket.py: the upgrade,
+the frames, the keepalive): the feed's own handshake, the subscriptions, each step's deadline,
+and which messages are data for the workers. Once streaming, runs of plain data frames pass
+through as ``Run`` views of the receive buffer, uncopied. It does no networking and never reads
+the clock: the service hands it bytes and ``now``, and takes back the data messages, the bytes
+to send and, when the conversation is over, the reason (``outcome``).
 
 The feed's handshake (Massive's websocket documentation)::
 
@@ -49,25 +48,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
 
 import orjson
-from websockets.client import ClientProtocol
-from websockets.exceptions import InvalidHandshake, InvalidURI, PayloadTooBig
-from websockets.frames import CloseCode, Frame, Opcode
-from websockets.http11 import Response
-from websockets.protocol import State
+from websockets.exceptions import InvalidURI
+from websockets.frames import CloseCode
 from websockets.uri import parse_uri
 
 from . import __version__
 from .errors import EXCERPT_BYTES, AuthError, FeedError, TradeBalancerError
-from .frames import STATUS, STATUS_WINDOW, Deframer, Run
+from .frames import STATUS, STATUS_WINDOW, Run, payloads
 from .handshake import AWAITED, Action, Phase, meaning, transition
 from .subscriptions import Subscriptions
+from .websocket import Message, Websocket
 
 logger = logging.getLogger(__name__)
-
-_HEAD_END = b"\r\n\r\n"  # the end of the upgrade response's head (RFC 9112 section 2.1)
 
 
 @dataclass(frozen=True)
@@ -107,28 +101,21 @@ class Feed:
         self._handshake_timeout = handshake_timeout
         self._deadline: float | None = now + handshake_timeout  # of the step under way
         self._noted: set[str] = set()  # statuses and errors already logged on this connection
-        self._ping_interval = ping_interval
-        self._ping_timeout = ping_timeout
-        self._protocol = ClientProtocol(uri, max_size=max_message_size)
-        request = self._protocol.connect()
-        request.headers["User-Agent"] = f"tradebalancer/{__version__}"
-        self._protocol.send_request(request)
+        self._websocket = Websocket(
+            uri,
+            now=now,
+            user_agent=f"tradebalancer/{__version__}",
+            max_message_size=max_message_size,
+            keep_limit=keep_limit,
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+        )
         self.phase = Phase.UPGRADING
         self._error: FeedError | None = None
         self._kind = ""  # why it ended, as a metrics label (Outcome.kind)
         self._cooldown = False  # after max_connections: reconnect only after a long wait
         self._streaming_since: float | None = None
-        self._messages: list[bytes | Run] = []
-        self._fragments: list[bytes] = []
-        # From the end of the upgrade response on, frames.py cuts the stream: runs of plain
-        # data frames stay in the caller's buffer, websockets gets the rest. Until then, the
-        # last bytes seen, for a head whose end spans two reads.
-        self._deframer: Deframer | None = None
-        self._max_size, self._keep_limit = max_message_size, keep_limit
-        self._head_seen = b""
-        self._last_ping_at = now
-        self._ping_payload: bytes | None = None
-        self._ping_serial = 0
+        self._messages: list[Message] = []
         self._paused = False  # the service stopped reading (backpressure): no pong can arrive
 
     # -- input -------------------------------------------------------------------------------
@@ -136,62 +123,21 @@ class Feed:
     def receive_data(self, data: bytes | bytearray | memoryview, now: float) -> None:
         """Feed bytes read from the transport; data messages become available.
 
-        Plain data frames (frames.py) come out as ``Run`` views of ``data``, valid until the
-        caller's next read, which must first ``keep`` the frame its last read cut.
+        Plain data frames come out as ``Run`` views of ``data``, valid until the caller's next
+        read, which must first ``keep`` the frame its last read cut (websocket.py).
         """
-        if self.phase is Phase.CLOSED:
-            return
-        if self._deframer is None:
-            rest = self._receive_head(memoryview(data), now)
-            if rest is None or not rest or self._deframer is None:
-                return
-            data = rest
-        # Frames websockets must see are handed over together when they come together, as a
-        # status and a close frame read at once (no reply to the status then).
-        pending: list[memoryview] = []
-        for piece in self._deframer.split(data):
-            if type(piece) is Run:
-                if pending and not self._hand_over(pending, now):
-                    return
-                if self._streaming_since is not None and not self._fragments:
-                    self._messages.append(piece)
-                    continue
-                piece = piece.view
-            pending.append(cast(memoryview, piece))
-        if pending:
-            self._hand_over(pending, now)
-
-    def _hand_over(self, pieces: list[memoryview], now: float) -> bool:
-        # To websockets, which copies into its own buffer: views of a reused buffer are safe.
-        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        pieces.clear()
-        self._protocol.receive_data(cast(bytes, data))
-        self._process(now)
-        return self.phase is not Phase.CLOSED
+        if self.phase is not Phase.CLOSED:
+            self._receive(self._websocket.receive_data(data), now)
 
     def keep(self, buffer: memoryview) -> int:
         """Put the frame the last read cut at the front of ``buffer``, for the next read to go
-        behind it; return its size (frames.py)."""
-        return 0 if self._deframer is None else self._deframer.keep(buffer)
+        behind it; return its size."""
+        return self._websocket.keep(buffer)
 
     def receive_eof(self, now: float) -> None:
         """The transport reached end of file (TCP FIN or TLS close_notify)."""
-        if self.phase is Phase.CLOSED:
-            return
-        # websockets' parser reports any end of stream before a close frame as EOFError; what
-        # it had buffered (or a fragmented message begun) says whether a message was cut.
-        cut = (
-            bool(self._fragments)
-            or bool(getattr(self._protocol.reader, "buffer", b""))
-            or (self._deframer is not None and self._deframer.buffered > 0)
-        )
-        self._protocol.receive_eof()
-        if isinstance(self._protocol.parser_exc, EOFError):
-            where = "in the middle of a message" if cut else "without a close frame"
-            self._close(FeedError(f"the feed closed the connection {where}"), "feed_closed")
-            return
-        self._process(now)
-        self._close(FeedError(self._closed_reason("the feed closed the connection")), "feed_closed")
+        if self.phase is not Phase.CLOSED:
+            self._receive(self._websocket.receive_eof(), now)
 
     def receive_status(self, event: bytes, now: float) -> None:
         """Handle one status event (a JSON object) that arrived inside a data frame."""
@@ -238,7 +184,7 @@ class Feed:
 
     def data_to_send(self) -> list[bytes]:
         """Return the bytes to write to the transport, in order; b"" asks for a half-close."""
-        return self._protocol.data_to_send()
+        return self._websocket.data_to_send()
 
     @property
     def closed(self) -> bool:
@@ -276,33 +222,14 @@ class Feed:
             self._step_late(now)
             if self.closed:
                 return
-        if self.phase is Phase.UPGRADING:
-            return
-        if self._ping_payload is not None:
-            if self._paused:
-                # Not reading the socket is our choice, not the peer's fault.
-                self._last_ping_at = now
-            elif now - self._last_ping_at >= self._ping_timeout:
-                self._fail(
-                    CloseCode.INTERNAL_ERROR,
-                    f"no pong within {self._ping_timeout:g} s: the feed or the network is down",
-                    kind="ping_timeout",
-                )
-            return
-        if now - self._last_ping_at >= self._ping_interval:
-            self._ping_serial += 1
-            self._ping_payload = self._ping_serial.to_bytes(4, "big")
-            self._protocol.send_ping(self._ping_payload)
-            self._last_ping_at = now
+        if (dead := self._websocket.keepalive(now, self._paused)) is not None:
+            self._fail(CloseCode.INTERNAL_ERROR, dead, kind="ping_timeout")
 
     def next_deadline(self) -> float | None:
         """Return when ``tick`` next has something to do, or None."""
         if self.phase is Phase.CLOSED:
             return None
-        keepalive = None
-        if self.phase is not Phase.UPGRADING:
-            limit = self._ping_timeout if self._ping_payload is not None else self._ping_interval
-            keepalive = self._last_ping_at + limit
+        keepalive = self._websocket.keepalive_deadline()
         times = [t for t in (self._deadline, keepalive) if t is not None]
         return min(times) if times else None
 
@@ -312,84 +239,29 @@ class Feed:
 
     def close(self) -> None:
         """Start a clean websocket close (going away), e.g. on shutdown."""
-        if self._protocol.state is State.OPEN:
-            self._protocol.send_close(CloseCode.GOING_AWAY, "client shutting down")
+        self._websocket.send_close(CloseCode.GOING_AWAY, "client shutting down")
         self._close(None, "closed")
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _receive_head(self, data: memoryview, now: float) -> memoryview | None:
-        # Up to the end of the upgrade response's head, everything is websockets'; once it
-        # switched protocols (101, RFC 6455 section 4.1), what follows is frames.py's.
-        seen = self._head_seen + bytes(data)
-        end = seen.find(_HEAD_END)
-        if end < 0:
-            self._head_seen = seen[-(len(_HEAD_END) - 1) :]
-            self._protocol.receive_data(cast(bytes, data))
-            self._process(now)
-            return None
-        cut = end + len(_HEAD_END) - len(self._head_seen)
-        self._protocol.receive_data(cast(bytes, data[:cut]))
-        self._process(now)
-        if self.phase is Phase.CLOSED:
-            return None
-        if self._protocol.state is not State.OPEN:  # a refusal with a body: websockets reads it
-            self._protocol.receive_data(cast(bytes, data[cut:]))
-            self._process(now)
-            return None
-        self._deframer = Deframer(self._max_size, self._keep_limit)
-        return data[cut:]
-
-    def _process(self, now: float) -> None:
-        for event in self._protocol.events_received():
-            if isinstance(event, Response):
-                self._receive_response(now)
-            elif isinstance(event, Frame):
-                self._receive_frame(event, now)
+    def _receive(self, messages: list[Message], now: float) -> None:
+        websocket = self._websocket
+        if self.phase is Phase.UPGRADING and websocket.upgraded:
+            self.phase = Phase.CONNECTING
+            self._deadline = now + self._handshake_timeout
+            logger.debug("websocket open to %s", self.url)
+        for message in messages:
+            if isinstance(message, bytes):
+                self._receive_message(message, now)
+            elif self._streaming_since is not None:
+                self._messages.append(message)  # the hot path: the receive buffer, uncopied
+            else:  # before the stream, each message is looked at
+                for payload in payloads(message.view):
+                    self._receive_message(bytes(payload), now)
             if self.phase is Phase.CLOSED:
                 return
-        exc = self._protocol.parser_exc
-        if exc is not None:
-            hint = "; raise max_message_size" if isinstance(exc, PayloadTooBig) else ""
-            error = FeedError(f"websocket protocol error from the feed: {exc}{hint}")
-            self._close(error, "protocol_error")
-        elif self._protocol.close_rcvd is not None or self._protocol.state is State.CLOSED:
-            # A client waits for the server's FIN after the close handshake (RFC 6455 7.1.1);
-            # the service closes the socket itself, so the conversation is over here.
-            self._close(
-                FeedError(self._closed_reason("the feed closed the websocket")), "feed_closed"
-            )
-
-    def _receive_response(self, now: float) -> None:
-        exc = self._protocol.handshake_exc
-        if exc is not None:
-            detail = str(exc)
-            if isinstance(exc, InvalidHandshake) and "401" in detail:
-                detail += " (check the URL: the feed refused the upgrade)"
-            self._close(FeedError(f"websocket upgrade refused: {detail}"), "upgrade_refused")
-            return
-        self.phase = Phase.CONNECTING
-        self._deadline = now + self._handshake_timeout
-        logger.debug("websocket open to %s", self.url)
-
-    def _receive_frame(self, frame: Frame, now: float) -> None:
-        opcode = frame.opcode
-        # websockets 14+ reads frames into a bytearray; the splitter hashes slices of it.
-        data = frame.data if type(frame.data) is bytes else bytes(frame.data)
-        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
-            if frame.fin:
-                self._receive_message(data, now)
-            else:
-                self._fragments = [data]
-        elif opcode is Opcode.CONT:
-            self._fragments.append(data)
-            if frame.fin:
-                message = b"".join(self._fragments)
-                self._fragments = []
-                self._receive_message(message, now)
-        elif opcode is Opcode.PONG and frame.data == self._ping_payload:
-            self._ping_payload = None
-        # PING is answered by ClientProtocol itself (RFC 6455 5.5.2); CLOSE ends in _process.
+        if websocket.ended is not None:
+            self._close(*websocket.ended)
 
     def _receive_message(self, message: bytes, now: float) -> None:
         # Status messages are small and say so in their first bytes, in whatever layout; a data
@@ -521,10 +393,7 @@ class Feed:
         )
 
     def _send_text(self, message: bytes) -> None:
-        # One read may bring a status and the feed's close frame behind it: websockets is then
-        # already closing and refuses to send; the close ends the conversation in _process.
-        if self._protocol.state is State.OPEN:
-            self._protocol.send_text(message)
+        self._websocket.send_text(message)
 
     def _fail(
         self,
@@ -535,8 +404,7 @@ class Feed:
     ) -> None:
         if error is None:
             error = FeedError(reason or "feed failure")
-        if self._protocol.state is State.OPEN:
-            self._protocol.send_close(code, "")
+        self._websocket.send_close(code)
         self._close(error, kind)
 
     def _close(self, error: FeedError | None, kind: str) -> None:
@@ -544,9 +412,3 @@ class Feed:
             self.phase = Phase.CLOSED
             self._error = error
             self._kind = kind
-
-    def _closed_reason(self, what: str) -> str:
-        rcvd = self._protocol.close_rcvd
-        if rcvd is not None:
-            return f"{what} (close code {int(rcvd.code)}: {rcvd.reason or 'no reason'})"
-        return what
