@@ -141,7 +141,8 @@ class FeedConnection:
         """Read once into ``buffer`` and hand the messages it completed to ``forward``.
 
         One read is one batch. The status events ``forward`` finds inside data frames come
-        back here and go to the feed. Returns whether another read may bring more.
+        back here and go to the feed. Returns whether another read may bring more: only when
+        this one filled the buffer.
         """
         if self._connector is not None:
             self._step_connector(now)
@@ -152,6 +153,7 @@ class FeedConnection:
             return False
         again = False
         kept = feed.keep(buffer)  # a frame the last read cut: this read completes it in place
+        space = len(buffer) - kept
         try:
             count = transport.receive_into(buffer[kept:])
         except BlockingIOError:
@@ -164,7 +166,11 @@ class FeedConnection:
             else:
                 self.received_bytes += count
                 feed.receive_data(buffer[: kept + count], now)
-                again = not feed.closed
+                # A read that left space found the socket drained (user-space TLS reads on
+                # until the socket has nothing): the poll, not one more read, says when more
+                # is there. The read that would say EAGAIN cost a system call and an exception
+                # a wake-up.
+                again = count == space and not feed.closed
         messages = feed.messages_received()
         if messages:
             for event in forward(messages, now):

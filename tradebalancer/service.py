@@ -179,7 +179,9 @@ class Service:
                 self._reload_due = False
                 logger.info("SIGHUP received: reloading %s", self.config_path)
                 self.reload(self.clock())
-            timeout = 0.0 if self._more_to_read else self._timeout(self.clock())
+            before = self.clock()
+            due = self._next_deadline(before)
+            timeout = 0.0 if self._more_to_read else max(0.0, due - before)
             events = select(timeout)
             self._more_to_read = False
             now = self.clock()
@@ -194,7 +196,12 @@ class Service:
                 elif isinstance(tag, Listener | Client):
                     self.endpoints.serve(tag, now)
             now = self.clock()
-            self._run_timers(now)
+            # The timers only when one is due (a deadline of this turn's start passed), a child
+            # exited, READY waits for the stream, or reading is paused (each turn of a pause
+            # restarts the wait for a pong, which cannot come): a batch of the feed is most
+            # turns, and asks none of them.
+            if now >= due or self._reap_needed or self._waiting():
+                self._run_timers(now)
             self._settle(now)
 
     def _serve_feed(self, mask: int, hangup: bool, now: float) -> None:
@@ -221,7 +228,14 @@ class Service:
             for pipe in self.pipes.backlogged():
                 self.poller.watch_pipe(pipe)
 
-    def _timeout(self, now: float) -> float:
+    def _waiting(self) -> bool:
+        status, forwarder = self.status, self.forwarder
+        return (status is not None and not status.ready) or (
+            forwarder is not None and forwarder.paused
+        )
+
+    def _next_deadline(self, now: float) -> float:
+        """The earliest timer, or a second from ``now`` if none is set."""
         deadlines = [deadline for deadline in (self._reconnect_at,) if deadline is not None]
         if self.status is not None:
             deadlines.append(self.status.deadline())
@@ -231,7 +245,7 @@ class Service:
             deadlines.append(deadline)
         if (deadline := self.endpoints.deadline()) is not None:
             deadlines.append(deadline)
-        return max(0.0, min(deadlines, default=now + 1.0) - now)
+        return min(deadlines, default=now + 1.0)
 
     def _run_timers(self, now: float) -> None:
         pool, connection = self.pool, self.connection

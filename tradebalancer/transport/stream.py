@@ -79,9 +79,10 @@ class Transport:
         """Put received plaintext into ``buffer``; return its length, 0 at end of stream.
 
         Non-blocking: raises BlockingIOError when nothing is available now (poll, then call
-        again), TransportError when the connection or the TLS session broke. Call it until it
-        raises BlockingIOError: user-space TLS may hold decrypted data the socket no longer
-        signals.
+        again), TransportError when the connection or the TLS session broke. A count short of
+        ``len(buffer)`` means the socket was drained then, and poll says when more is there:
+        user-space TLS reads on until the socket has nothing, so that no decrypted data is left
+        where the poll cannot see it.
         """
         if self._eof:
             return 0
