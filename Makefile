@@ -73,7 +73,7 @@ bench: venv
 	$(PY) -m bench $(BENCH_ARGS)
 	$(PY) -m bench.jetstream $(BENCH_JETSTREAM_ARGS)
 
-# make bench-ab AB=REV [BASE=REV2] [AB_ARGS="--pairs 3 --trades 2000000"]: interleaved pairs
+# make bench-ab AB=REV [BASE=REV2] [AB_ARGS="--pairs 3 --trades 2000000" or "--paced"]: interleaved pairs
 # of short throughput runs, A = REV against B = BASE (default: this working tree as it is), and
 # their B/A ratios (bench/ab.py; REV is built once in ~/.cache/tradebalancer-bench).
 bench-ab: venv

@@ -1,4 +1,4 @@
-"""``make bench-ab AB=REV``: two revisions' throughput in interleaved pairs, judged by ratios.
+"""``make bench-ab AB=REV``: two revisions' figures in interleaved pairs, judged by ratios.
 
 Owns the A/B command line and running its pairs. A is ``REV``; B is ``REV2``, or the working
 tree as it is (uncommitted changes included) when there is none. Each side is a plain
@@ -7,7 +7,9 @@ tree as it is (uncommitted changes included) when there is none. Each side is a 
 runs both sides one after the other, A first in odd pairs and B first in even ones
 (``pairs.py``), so that neither side always gets the machine's next mood or the warmer caches.
 By default a side is a short throughput run: 5 M trades, 4 and 16 pipes, the ceiling, and none
-of TLS, latency, baseline, strict check or stage costs; further options go to both sides' bench
+of TLS, latency, baseline, strict check or stage costs; with ``--paced``, a throughput run of
+200k trades and 8 s paced at 100 k trades/s on 4 pipes, whose CPU per trade and p50 and p99
+latency are paired too (``pairs.py``). Further options go to both sides' bench
 and replace a default of the same name (an option a side's bench does not list in its
 ``--help`` is dropped for that side, and said so).
 
@@ -17,7 +19,7 @@ B/A ratios), the summary (median ratios, pairs B was ahead in), then everything 
 line. The worktrees it made are removed on the way out; their builds stay cached. Exit status
 1 if any side failed or was not verified, 2 if a revision could not be checked out or built.
 
-    python -m bench.ab REV [REV2] [--pairs 5] [--cache DIR] [bench options ...]
+    python -m bench.ab REV [REV2] [--pairs 5] [--paced] [--cache DIR] [bench options ...]
 """
 
 from __future__ import annotations
@@ -40,6 +42,14 @@ DEFAULTS = (
     *("--no-tls", "--no-latency", "--no-baseline", "--no-strict", "--no-stages"),
     *("--results", ""),
 )
+# --paced: a short throughput run and one paced run at 100 k trades/s, 4 pipes, where each
+# frame arrives alone and a wake-up's cost shows (CPU per trade, p50 and p99 latency).
+PACED_DEFAULTS = (
+    *("--trades", "200000", "--repeat", "1", "--pipes", "4"),
+    *("--rates", "100000", "--latency-seconds", "8"),
+    *("--no-tls", "--no-ceiling", "--no-baseline", "--no-strict", "--no-stages"),
+    *("--results", ""),
+)
 SIDE_TIMEOUT = 3600.0  # seconds: a side that takes longer has hung
 
 
@@ -53,7 +63,8 @@ def parse_arguments(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]
     """The revisions and A/B's own options; the rest, in order, are the sides' bench options."""
     parser = argparse.ArgumentParser(
         prog="python -m bench.ab",
-        usage="python -m bench.ab REV [REV2] [--pairs N] [--cache DIR] [bench options ...]",
+        usage="python -m bench.ab REV [REV2] [--pairs N] [--paced] [--cache DIR] "
+        "[bench options ...]",
         description="Interleaved A/B pairs of python -m bench: A is REV, B is REV2 or, without "
         "it, the working tree as it is.",
         epilog="Any other option goes to both sides' python -m bench, replacing the default of "
@@ -61,6 +72,12 @@ def parse_arguments(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]
         allow_abbrev=False,
     )
     parser.add_argument("--pairs", type=int, default=5, help="A/B pairs to run (default 5)")
+    parser.add_argument(
+        "--paced",
+        action="store_true",
+        help="pair paced runs too: each side runs 200k trades at full speed and 8 s at 100 k "
+        f"trades/s on 4 pipes (defaults: {' '.join(t or repr(t) for t in PACED_DEFAULTS)})",
+    )
     parser.add_argument(
         "--cache",
         type=Path,
@@ -165,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"B: the working tree's {', '.join(stale)} is newer than its build, or not "
                     "built: pip install -e . first, or B is not what it says"
                 )
-        return run_pairs(args.pairs, opened, given)
+        return run_pairs(args.pairs, opened, given, PACED_DEFAULTS if args.paced else DEFAULTS)
     except revision.BuildError as exc:
         progress(f"cannot run the pairs: {exc}")
         return 2
@@ -174,7 +191,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             revision.close(tree)
 
 
-def run_pairs(count: int, trees: dict[str, revision.Tree], given: Sequence[str]) -> int:
+def run_pairs(
+    count: int,
+    trees: dict[str, revision.Tree],
+    given: Sequence[str],
+    defaults: Sequence[str] = DEFAULTS,
+) -> int:
     """Run ``count`` pairs of the two trees' benches; print them; 1 if any side failed."""
     commands: dict[str, list[str]] = {}
     known: dict[str, dict[str, bool]] = {}
@@ -182,7 +204,7 @@ def run_pairs(count: int, trees: dict[str, revision.Tree], given: Sequence[str])
         known[side] = side_options(tree.python, tree.path)
         if not known[side]:
             progress(f"{side}: its bench printed no options with --help; its options as given")
-        merged = revision.merge(DEFAULTS, given, known[side])
+        merged = revision.merge(defaults, given, known[side])
         dropped: list[str] = []
         commands[side] = merged
         if known[side]:

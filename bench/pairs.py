@@ -4,8 +4,9 @@ Owns what ``bench.ab`` makes of the results of ``python -m bench`` run by two re
 turn: the order of the runs (A B, then B A, ...: whichever side goes second in a pair gets
 the warmer caches and the machine's next mood, so each side goes first in half the pairs),
 reading each run's result whatever the revision's age (``bench.json`` or the JSON line its
-stdout ends with), the per-pair B/A ratios at each pipe count, and their summary: the median
-of the ratios and in how many pairs B was ahead. A ratio within one pair is the only figure
+stdout ends with), the per-pair B/A ratios at each pipe count (throughput and CPU per trade,
+and with ``--paced`` the paced run's CPU per trade and p50 and p99 latency), and their
+summary: the median of the ratios and in how many pairs B was ahead. A ratio within one pair is the only figure
 worth reading on a machine whose speed drifts by a third within an hour; a run's figures
 alone are shown for the record.
 
@@ -27,11 +28,21 @@ SIDES = ("A", "B")
 
 @dataclass(frozen=True)
 class Figures:
-    """One side's throughput run at one pipe count, as its result reports it."""
+    """One side's runs at one pipe count, as its result reports them: the throughput run, and
+    the paced run at the lowest rate if there was one (``bench.ab --paced``)."""
 
     trades_per_s: float | None
     cpu_ns_per_trade: float | None
     verified: bool = True
+    paced_rate: str | None = None  # "100k": the paced run's rate, as the result labels it
+    paced_cpu_ns_per_trade: float | None = None
+    p50_us: float | None = None
+    p99_us: float | None = None
+
+    @property
+    def paced(self) -> bool:
+        """Whether a paced run is among the figures."""
+        return self.paced_rate is not None
 
 
 @dataclass
@@ -81,10 +92,23 @@ def figures_of(result: Mapping[str, Any]) -> dict[int, Figures]:
     for entry in result.get("configurations") or ():
         if entry.get("tls") or not str(entry.get("name", "")).startswith("ws-"):
             continue
+        verified = bool(entry.get("verified", False))
+        paced: dict[str, Any] = {}
+        runs = entry.get("latency") or {}
+        if runs:  # the slowest rate: where a wake-up's cost shows most
+            label, run = min(runs.items(), key=lambda item: _number(item[1].get("rate")) or 0)
+            verified = verified and bool(run.get("verified", False))
+            paced = {
+                "paced_rate": str(label),
+                "paced_cpu_ns_per_trade": _number(run.get("balancer_cpu_ns_per_trade")),
+                "p50_us": _number(run.get("p50_us")),
+                "p99_us": _number(run.get("p99_us")),
+            }
         found[int(entry["pipes"])] = Figures(
             _number(entry.get("trades_per_s")),
             _number(entry.get("balancer_cpu_ns_per_trade")),
-            bool(entry.get("verified", False)),
+            verified,
+            **paced,
         )
     return found
 
@@ -106,20 +130,40 @@ class Summary:
     cpu_ratio: float | None
     b_faster: int  # pairs where B moved more trades per second
     b_cheaper: int  # pairs where B spent less CPU per trade
+    # The paced runs' (None without them): CPU per trade, p50 and p99 latency.
+    paced_cpu_ratio: float | None = None
+    p50_ratio: float | None = None
+    p99_ratio: float | None = None
+    b_cheaper_paced: int = 0
 
 
 def summarize(pairs: Sequence[Pair], pipes: int) -> Summary:
     """The median B/A ratios at ``pipes`` pipes, and in how many pairs B was ahead."""
-    rates = [r for r in (pair.ratio(pipes, "trades_per_s") for pair in pairs) if r is not None]
-    cpus = [r for r in (pair.ratio(pipes, "cpu_ns_per_trade") for pair in pairs) if r is not None]
+
+    def ratios(name: str) -> list[float]:
+        return [r for r in (pair.ratio(pipes, name) for pair in pairs) if r is not None]
+
+    rates, cpus, paced = ratios("trades_per_s"), ratios("cpu_ns_per_trade"), ratios(PACED_CPU)
+    p50, p99 = ratios("p50_us"), ratios("p99_us")
     return Summary(
         pipes=pipes,
         pairs=len(rates),
-        trades_per_s_ratio=statistics.median(rates) if rates else None,
-        cpu_ratio=statistics.median(cpus) if cpus else None,
+        trades_per_s_ratio=_median(rates),
+        cpu_ratio=_median(cpus),
         b_faster=sum(r > 1 for r in rates),
         b_cheaper=sum(r < 1 for r in cpus),
+        paced_cpu_ratio=_median(paced),
+        p50_ratio=_median(p50),
+        p99_ratio=_median(p99),
+        b_cheaper_paced=sum(r < 1 for r in paced),
     )
+
+
+PACED_CPU = "paced_cpu_ns_per_trade"
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
 
 
 def _side(figures: Figures | None, problem: str | None) -> str:
@@ -130,6 +174,16 @@ def _side(figures: Figures | None, problem: str | None) -> str:
     cpu = "-" if figures.cpu_ns_per_trade is None else f"{figures.cpu_ns_per_trade:.0f} ns"
     mark = "" if figures.verified else " (NOT verified)"
     return f"{rate:>10} {cpu:>7}{mark}"
+
+
+def _paced(figures: Figures | None) -> str:
+    """One side's paced run in a pair's second line: "100k 468 ns 210/440 us" (p50/p99)."""
+    if figures is None or not figures.paced:
+        return "-"
+    cpu = figures.paced_cpu_ns_per_trade
+    p50, p99 = figures.p50_us, figures.p99_us
+    latency = "-" if p50 is None or p99 is None else f"{p50:.0f}/{p99:.0f} us"
+    return f"{figures.paced_rate} {'-' if cpu is None else f'{cpu:.0f} ns'} {latency}"
 
 
 def _ratio(value: float | None) -> str:
@@ -150,13 +204,22 @@ def render_pair(pair: Pair, pipe_counts: Sequence[int]) -> str:
     """A line per pipe count of one pair: each side's figures and the B/A ratios."""
     lines = []
     for pipes in pipe_counts:
-        a = _side(pair.figures.get("A", {}).get(pipes), pair.problems.get("A"))
-        b = _side(pair.figures.get("B", {}).get(pipes), pair.problems.get("B"))
+        a_figures = pair.figures.get("A", {}).get(pipes)
+        b_figures = pair.figures.get("B", {}).get(pipes)
+        a = _side(a_figures, pair.problems.get("A"))
+        b = _side(b_figures, pair.problems.get("B"))
         lines.append(
             f"{pair.index:>4} {pair.first:>5} {pipes:>5}  {a:>21}  {b:>21}  "
             f"{_ratio(pair.ratio(pipes, 'trades_per_s')):>12} "
             f"{_ratio(pair.ratio(pipes, 'cpu_ns_per_trade')):>8}"
         )
+        if any(f is not None and f.paced for f in (a_figures, b_figures)):
+            lines.append(
+                f"{'':>10} {'paced':>5}  {_paced(a_figures):>21}  {_paced(b_figures):>21}  "
+                f"{'p50 ' + _ratio(pair.ratio(pipes, 'p50_us')):>12} "
+                f"{_ratio(pair.ratio(pipes, PACED_CPU)):>8} "
+                f"p99 {_ratio(pair.ratio(pipes, 'p99_us'))}"
+            )
     lines.extend(f"     {side} failed: {problem}" for side, problem in pair.problems.items())
     return "\n".join(lines) + "\n"
 
@@ -173,6 +236,12 @@ def render_summary(summaries: Sequence[Summary], total: int) -> str:
             f"B faster in {s.b_faster} of {s.pairs}; CPU per trade median "
             f"{_ratio(s.cpu_ratio)}, B cheaper in {s.b_cheaper} of {s.pairs}"
         )
+        if s.paced_cpu_ratio is not None:
+            lines.append(
+                f"  {s.pipes:>3} pipes, paced: CPU per trade median {_ratio(s.paced_cpu_ratio)}, "
+                f"B cheaper in {s.b_cheaper_paced} of {s.pairs}; latency p50 median "
+                f"{_ratio(s.p50_ratio)}, p99 median {_ratio(s.p99_ratio)}"
+            )
     return "\n".join(lines) + "\n"
 
 

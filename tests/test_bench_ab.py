@@ -157,6 +157,48 @@ def test_everything_goes_into_one_json_document() -> None:
     assert document["summary"][0]["b_faster"] == 1
 
 
+def paced_result(cpu: float, paced: dict[str, tuple[float, float, float]]) -> dict[str, Any]:
+    """A result of ``bench.ab --paced``: ws-4, and its paced runs: rate -> (ns, p50, p99)."""
+    document = result({4: (4e6, cpu)})
+    document["configurations"][0]["latency"] = {
+        label: {
+            "rate": float(label.removesuffix("k")) * 1000,
+            "balancer_cpu_ns_per_trade": ns,
+            "p50_us": p50,
+            "p99_us": p99,
+            "verified": True,
+        }
+        for label, (ns, p50, p99) in paced.items()
+    }
+    return document
+
+
+def test_paced_runs_are_paired_at_their_lowest_rate() -> None:
+    """With paced runs, a pair has a second line (CPU, p50, p99 and B/A), and the summary
+    their medians; the lowest rate is the one taken."""
+    a = pairs.figures_of(
+        paced_result(200.0, {"1000k": (300.0, 1.0, 2.0), "100k": (500.0, 200, 400)})
+    )
+    assert (a[4].paced_rate, a[4].paced_cpu_ns_per_trade, a[4].p50_us) == ("100k", 500.0, 200)
+    done = []
+    for index, (ns, p50) in enumerate([(450.0, 180.0), (520.0, 190.0), (400.0, 210.0)], 1):
+        b = pairs.figures_of(paced_result(200.0, {"100k": (ns, p50, 380.0)}))
+        done.append(pairs.Pair(index, "A", {"A": a, "B": b}))
+    line = pairs.render_pair(done[0], [4]).splitlines()[1]
+    assert line.split() == [
+        *("paced", "100k", "500", "ns", "200/400", "us"),
+        *("100k", "450", "ns", "180/380", "us"),
+        *("p50", "0.900", "0.900", "p99", "0.950"),
+    ]
+    summary = pairs.summarize(done, 4)
+    assert summary.paced_cpu_ratio == pytest.approx(0.9)  # of 0.9, 1.04 and 0.8
+    assert summary.b_cheaper_paced == 2
+    assert (summary.p50_ratio, summary.p99_ratio) == (pytest.approx(0.95), pytest.approx(0.95))
+    text = pairs.render_summary([summary], 3)
+    assert "4 pipes, paced: CPU per trade median 0.900, B cheaper in 2 of 3" in text
+    assert "paced" not in pairs.render_pair(pair(1, {4: (4e6, 2.0)}, {4: (4e6, 2.0)}), [4])
+
+
 HELP = """usage: python -m bench [-h] [--quick] [--repeat REPEAT] [--trades TRADES]
 options:
   --quick               a smoke run: 200k trades, 1 repeat, short paces
@@ -253,3 +295,27 @@ def test_a_real_pair_of_head_against_the_working_tree() -> None:
         ["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True, check=True
     ).stdout
     assert "tradebalancer-ab-" not in after
+
+
+@pytest.mark.skipif(not _in_git(), reason="needs the source tree's git repository")
+@pytest.mark.timeout(300)
+def test_a_real_paced_pair_of_head_against_the_working_tree() -> None:
+    """bench.ab --paced pairs a paced run too: each side's CPU per trade and latency, B/A."""
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "bench.ab", "HEAD", "--pairs", "1", "--paced"),
+            *("--trades", "100000", "--pool", "200000", "--latency-seconds", "1"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=280,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "--no-latency" not in done.stderr and "--rates 100000" in done.stderr
+    paced = next(line for line in done.stdout.splitlines() if line.split()[:2] == ["paced", "100k"])
+    assert paced.count(" us") == 2 and "p99" in paced
+    assert "4 pipes, paced: CPU per trade median" in done.stdout
+    document = json.loads(done.stdout.splitlines()[-1])
+    assert document["summary"][0]["paced_cpu_ratio"] is not None
