@@ -24,6 +24,7 @@ from natsserver import NatsServer, cluster, environment
 from test_service import Balancer, expected_streams, read_records
 
 from tradebalancer.reader import ReaderError
+from tradebalancer.reader.format import EVENT_HEADER
 from tradebalancer.reader.jetstream import Cursor, JetStreamSource, connect_options
 from tradebalancer.replay import ReplayOptions, ReplayServer
 
@@ -398,3 +399,38 @@ def test_the_bridge_publishes_what_came_before_a_pipe_that_breaks_the_framing(
     source = JetStreamSource([server.url], stream="tb", durable="d", partitions=[0])
     with source:
         assert next(source.batches()) == (0, [event])
+
+
+@pytest.mark.timeout(60)
+def test_a_jump_in_the_event_numbers_is_logged_and_counted_as_missing(
+    tmp_path: Path, processes: list[object], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Batches numbered 1-3, 4-6 and 9-10 of a partition: events 7-8 are named missing."""
+    server = NatsServer(tmp_path / "nats").start()
+    processes.append(server)
+
+    def batch(*events: bytes) -> bytes:
+        return b"".join(len(event).to_bytes(4, "little") + event for event in events)
+
+    sent = [[b'{"n":%d}' % n for n in numbers] for numbers in ([1, 2, 3], [4, 5, 6], [9, 10])]
+
+    async def publish() -> None:
+        connection = await nats.connect(server.url)
+        js = connection.jetstream()
+        await js.add_stream(name="tb", subjects=["tb.feed.>"])
+        for events in sent:
+            last = int(events[-1][5:-1])
+            await js.publish("tb.feed.1", batch(*events), headers={EVENT_HEADER: str(last)})
+        await js.publish("tb.feed.1", batch(b'{"n":0}'))  # no number: nothing to check
+        await connection.close()
+
+    asyncio.run(publish())
+    caplog.set_level("WARNING", logger="tradebalancer.reader.jetstream")
+    with JetStreamSource([server.url], stream="tb", durable="d", partitions=[1]) as source:
+        got = list(itertools.islice(source.batches(), 4))
+    assert got == [(1, events) for events in [*sent, [b'{"n":0}']]]
+    assert source.missing == {1: 2}
+    assert [record.getMessage() for record in caplog.records] == [
+        "2 event(s) of partition 1 are missing from stream tb (numbers 7-8): lost before "
+        "JetStream stored them; the balancer counted them as not delivered"
+    ]

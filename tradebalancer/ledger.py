@@ -29,10 +29,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
+from .reader.format import EVENT_HEADER
+
 __all__ = ["EVENT_HEADER", "LEDGER_VARIABLE", "Ledger", "Loss", "Slot"]
 
 LEDGER_VARIABLE: Final = "TRADEBALANCER_LEDGER_FD"  # the bridge's ledger fd, after its pipes
-EVENT_HEADER: Final = "Tradebalancer-Last-Event"  # the number of a batch's last event
 _FIELDS: Final = ("read", "based", "base", "accounted", "lost", "late")
 _SLOT_BYTES: Final = 8 * len(_FIELDS)
 

@@ -13,6 +13,12 @@ and logs it as refused instead), so a header's byte 3 is always 0 and its byte 2
 The reader's resynchronisation (framing.py) rests on exactly that, so the writer
 (split.py, _fastsplit.c) and the reader (framing.py, _fastread.c) take it from here.
 
+A remote partition (reader/jetstream.py) travels through NATS JetStream as messages of such
+framed events, a batch each, on subject ``PREFIX.PARTITION``; the header ``EVENT_HEADER`` of a
+message gives the number of its last event in its partition. Numbers run on from batch to batch
+and from one balancer run to the next; a jump is events lost before they were stored (a bridge
+killed with SIGKILL), which the balancer counts as not delivered (ledger.py).
+
 Nothing here does I/O; nothing here imports anything outside the standard library.
 """
 
@@ -22,6 +28,7 @@ import struct
 from typing import Final
 
 __all__ = [
+    "EVENT_HEADER",
     "FDS_VARIABLE",
     "FIRST_FD",
     "HEADER",
@@ -35,6 +42,7 @@ FIRST_FD: Final = 3  # pipes start right after stdin, stdout and stderr
 FDS_VARIABLE: Final = "TRADEBALANCER_FDS"  # "3,4,5": the worker's pipe fds, in pipe order
 HEADER: Final = struct.Struct("<I")  # the length, little-endian
 HEADER_SIZE: Final = HEADER.size
+EVENT_HEADER: Final = "Tradebalancer-Last-Event"  # a JetStream batch's last event's number
 LIMIT: Final = 0x7B0000  # events are shorter: header byte 3 is 0 and byte 2 is below "{" (0x7B)
 
 # Prebuilt headers for the common sizes: a list index costs 18 ns, struct.pack 35 ns

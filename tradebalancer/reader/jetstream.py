@@ -41,6 +41,11 @@ Guarantees, and how they are kept
   restart, because the source cannot know whether the code finished with it. Code whose effects
   must be exactly once keeps its own record beside them. Without a cursor the guarantee is at
   least once: after a crash the whole last batch may be delivered again.
+* Events lost before JetStream stored them (a bridge killed with SIGKILL: the balancer counts
+  them as not delivered) show as a jump in the events' numbers (``format.EVENT_HEADER``). The
+  source logs each jump it sees once, with the numbers missing, and counts them in
+  ``missing`` (per partition); the events around it are delivered as they are. Only jumps
+  between messages this source reads are seen: not one across its own restart.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
+from .format import EVENT_HEADER
 from .framing import MessageParser, ReaderError
 
 __all__ = ["Cursor", "JetStreamSource", "connect_options"]
@@ -172,6 +178,8 @@ class JetStreamSource:
         self.cursor = Cursor(cursor)
         self.messages = 0  # events handed over
         self.partition = -1  # the partition of the last event (batch) handed over
+        self.missing: dict[int, int] = {}  # partition -> events lost before they were stored
+        self._numbers: dict[int, int] = {}  # partition -> the last event's number seen
         self.stopped = False
         self._connection: Any = None
         self._subscription: Any = None
@@ -352,10 +360,33 @@ class JetStreamSource:
                         f"message {sequence} of stream {self.stream!r} is not whole framed "
                         f"events: was it published by the balancer's bridge?"
                     )
+                self._check_numbers(partition, message.headers, len(events))
                 yield partition, sequence, events, self.cursor.skip(sequence, len(events))
                 self.cursor.write(sequence, len(events))
                 await message.ack()
             idle_since = loop.time()
+
+    def _check_numbers(self, partition: int, headers: dict[str, str] | None, count: int) -> None:
+        """Log and count a jump in the partition's event numbers (events never stored)."""
+        number = (headers or {}).get(EVENT_HEADER, "")
+        if not number.isdigit():
+            return  # an older bridge's message: no number to check
+        last, before = int(number), self._numbers.get(partition)
+        first = last - count + 1
+        if before is not None and first > before + 1:
+            lost = first - before - 1
+            self.missing[partition] = self.missing.get(partition, 0) + lost
+            logger.warning(
+                "%d event(s) of partition %d are missing from stream %s (numbers %d-%d): lost "
+                "before JetStream stored them; the balancer counted them as not delivered",
+                lost,
+                partition,
+                self.stream,
+                before + 1,
+                first - 1,
+            )
+        if before is None or last > before:
+            self._numbers[partition] = last
 
     # -- the synchronous API: the same, on a private event loop -----------------------------
 
