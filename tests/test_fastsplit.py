@@ -26,6 +26,7 @@ from test_split import (
 
 from tradebalancer import _fastsplit, split
 from tradebalancer._fastsplit import Router, valid_ascii_json
+from tradebalancer.pysplit import PythonSplit
 from tradebalancer.reader.format import LIMIT
 from tradebalancer.replay import synth
 from tradebalancer.routing import DEFAULT_ROUTE_KEYS, pipe_for
@@ -40,7 +41,7 @@ def router(pipes: int = 7, **route_keys: str) -> Router:
 def exact(frame: bytes, pipes: int) -> list[list[bytes]]:
     """Each pipe's events as the exact (slow) path routes ``frame``."""
     out = new_out(pipes)
-    Splitter(pipes, accelerate=False)._route_slow(frame, orjson.loads(frame), out, [])
+    PythonSplit(pipes, DEFAULT_ROUTE_KEYS, "sym").route_slow(frame, orjson.loads(frame), out, [])
     return pipe_events(out)
 
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from tradebalancer import split
 from tradebalancer.errors import EXCERPT_BYTES, FeedError, FrameError, TradeBalancerError
+from tradebalancer.pysplit import PythonSplit
 from tradebalancer.reader import framing
 from tradebalancer.reader.format import LIMIT
 from tradebalancer.reader.framing import MessageParser
@@ -591,10 +592,10 @@ def test_fast_path_matches_slow_path(frame: bytes, pipes: int) -> None:
     """On feed-layout frames the fast path gives byte for byte what the exact path gives."""
     fast, out, status, count = route(frame, pipes)
     assert fast.fast_frames == 1
-    exact = Splitter(pipes)
+    exact = PythonSplit(pipes, DEFAULT_ROUTE_KEYS, "sym")
     exact_out = new_out(pipes)
     exact_status: list[bytes] = []
-    slow = exact._route_slow(frame, orjson.loads(frame), exact_out, exact_status)
+    slow = exact.route_slow(frame, orjson.loads(frame), exact_out, exact_status)
     assert slow == count  # the exact path alone
     assert (out, status) == (pipe_events(exact_out), exact_status)
     events = orjson.loads(frame)
@@ -633,7 +634,9 @@ def test_damaged_frames_are_rejected_or_cut_exactly(
     assert valid, "a frame that does not parse was forwarded"
     exact_out = [[b"kept"]]
     exact_status = [b"old"]
-    Splitter(1)._route_slow(damaged, orjson.loads(damaged), exact_out, exact_status)
+    PythonSplit(1, DEFAULT_ROUTE_KEYS, "sym").route_slow(
+        damaged, orjson.loads(damaged), exact_out, exact_status
+    )
     assert (b"".join(out[0]), status) == (b"".join(exact_out[0]), exact_status)
 
 
