@@ -29,7 +29,7 @@ LAYERS: list[list[str]] = [
     ],
     [
         *("signals", "command", "stats", "handshake", "subscriptions", "transport.keys"),
-        *("delivery", "websocket", "pysplit"),
+        *("delivery", "websocket", "pysplit", "values"),
     ],
     ["transport.kernel"],
     # the parts, each sans-I/O or the owner of one kind of fd

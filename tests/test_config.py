@@ -12,10 +12,11 @@ import pytest
 from tlsca import make_ca
 
 from tradebalancer import config, credentials
-from tradebalancer.config import FeedConfig, check_variables, expand_variables, unset_variables
+from tradebalancer.config import FeedConfig
 from tradebalancer.errors import ConfigError, ExitCode
 from tradebalancer.plan import argv_for, pipes_for_worker, working_directory
 from tradebalancer.routing import DEFAULT_ROUTE_KEYS
+from tradebalancer.values import check_variables, expand_variables, unset_variables
 
 SHIPPED = Path(__file__).resolve().parent.parent / "etc" / "tradebalancer.toml"
 FEED = '[feeds.feed]\ncommand = ["worker"]\n'

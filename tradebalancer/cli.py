@@ -37,6 +37,7 @@ from . import (
     signals,
     statusview,
     units,
+    values,
 )
 from .errors import ConfigError, ExitCode, TradeBalancerError
 from .replay import cli as replay_cli
@@ -223,7 +224,7 @@ def _check_feed(loaded: config.Config, feed: config.FeedConfig, *, require_key: 
     environ = dict(os.environ)
     if feed.jetstream is not None and feed.jetstream.credentials_file and not require_key:
         # Not set outside the unit (LoadCredential=): the plan shows the path unexpanded.
-        unset = config.unset_variables(feed.jetstream.credentials_file, environ)
+        unset = values.unset_variables(feed.jetstream.credentials_file, environ)
         environ.update({name: f"${{{name}}}" for name in unset})
     plans = plan.plan_workers(feed, environ)
     preflight.check_plans(feed, plans)

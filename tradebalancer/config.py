@@ -17,25 +17,32 @@ that says where the key belongs, and never repeats it.
 
 from __future__ import annotations
 
-import difflib
-import ipaddress
-import json
-import math
 import os
 import re
-import ssl
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from types import MappingProxyType
-from typing import Literal, TypeVar
+from typing import Literal
 from urllib.parse import urlsplit
 
-from .address import Address, parse_address
+from .address import Address
 from .command import CommandTemplate, compile_command
 from .errors import ConfigError
 from .routing import DEFAULT_ROUTE_KEYS
+from .values import (
+    Reader,
+    Values,
+    as_address,
+    as_string,
+    as_table,
+    check_ca_file,
+    check_variables,
+    describe,
+    unknown_key,
+    valid_host,
+)
 
 DEFAULT_PATH = Path("/etc/tradebalancer.toml")
 DEFAULT_URL = "wss://socket.massive.com/stocks"
@@ -50,13 +57,9 @@ DEFAULT_ROUTE_KEY = "sym"
 _FEED_NAME = re.compile(r"[A-Za-z0-9_-]+")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _CHANNEL = re.compile(r"[^,\s]+")  # the subscribe message joins channels with commas
-_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")  # ${NAME} in a path
 # apiKey=..., api_key=..., token=...: where the key would be logged with the URL
 _SECRET_IN_QUERY = re.compile(r"[?&](api[-_]?key|apikey|key|token|secret|password)=", re.I)
-_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 _TOML_POSITION = re.compile(r"^(?P<reason>.*) \(at line (?P<line>\d+), column (?P<column>\d+)\)$")
-_Values = dict[str, tuple[object, str]]  # flat key ("reconnect.max") -> (value, key path)
-_Choice = TypeVar("_Choice", bound=str)
 _TLS_MODES: tuple[Literal["auto", "kernel", "user"], ...] = ("auto", "kernel", "user")
 _PASS_FDS: tuple[Literal["append", "none"], ...] = ("append", "none")
 _SCHEDULING: tuple[Literal["batch", "other"], ...] = ("batch", "other")
@@ -195,9 +198,9 @@ class Config:
             raise ConfigError(
                 f"feeds.{name}",
                 "a feed name must be letters, digits, _ and - (it names the systemd instance "
-                f"tradebalancer@NAME), got {_describe(name)}",
+                f"tradebalancer@NAME), got {describe(name)}",
             )
-        table = _table(self.tables[name], f"feeds.{name}")
+        table = as_table(self.tables[name], f"feeds.{name}")
         return _feed(name, _collect(self.defaults, table, name), Path(self.path).parent)
 
 
@@ -233,33 +236,33 @@ def loads(text: str, path: str = "<string>") -> Config:
         ) from exc
     for key in document:
         if key not in ("feeds", "defaults"):
-            raise _unknown_key(key, key, ("feeds", "defaults"))
-    defaults = _table(document.get("defaults", {}), "defaults", "a table ([defaults])")
-    feeds = _table(document.get("feeds", {}), "feeds", "a table of [feeds.NAME] tables")
+            raise unknown_key(key, key, ("feeds", "defaults"))
+    defaults = as_table(document.get("defaults", {}), "defaults", "a table ([defaults])")
+    feeds = as_table(document.get("feeds", {}), "feeds", "a table of [feeds.NAME] tables")
     _collect(defaults, {}, "")  # unknown keys in [defaults] are errors even with no feed
     return Config(MappingProxyType(feeds), MappingProxyType(defaults), path)
 
 
-def _collect(defaults: Mapping[str, object], table: Mapping[str, object], name: str) -> _Values:
-    values: _Values = {}
+def _collect(defaults: Mapping[str, object], table: Mapping[str, object], name: str) -> Values:
+    values: Values = {}
     for prefix, source in (("defaults", defaults), (f"feeds.{name}", table)):
         for key, value in source.items():
             path = f"{prefix}.{key}"
             if key not in _FEED_KEYS:
-                raise _unknown_key(path, key, _FEED_KEYS)
+                raise unknown_key(path, key, _FEED_KEYS)
             if key not in _SUBTABLES:
                 values[key] = (value, path)
                 continue
             allowed = _SUBTABLES[key]
-            for subkey, subvalue in _table(value, path, f"a table ([{prefix}.{key}])").items():
+            for subkey, subvalue in as_table(value, path, f"a table ([{prefix}.{key}])").items():
                 if allowed is not None and subkey not in allowed:
-                    raise _unknown_key(f"{path}.{subkey}", subkey, allowed)
+                    raise unknown_key(f"{path}.{subkey}", subkey, allowed)
                 values[f"{key}.{subkey}"] = (subvalue, f"{path}.{subkey}")
     return values
 
 
-def _feed(name: str, values: _Values, base: Path) -> FeedConfig:
-    read = _Reader(name, values)
+def _feed(name: str, values: Values, base: Path) -> FeedConfig:
+    read = Reader(name, values)
     url, host, port, target, secure = _url(*read.get("url", DEFAULT_URL))
     pipes = read.integer("pipes", DEFAULT_PIPES, 1, MAX_PIPES)
     tls = read.choice("tls", "auto", _TLS_MODES)
@@ -275,14 +278,14 @@ def _feed(name: str, values: _Values, base: Path) -> FeedConfig:
     ca_file = read.optional("ca_file")
     if ca_file is not None:
         ca_file = str(base / ca_file)  # relative to the configuration file
-        _check_ca_file(ca_file, read.path("ca_file"))
+        check_ca_file(ca_file, read.path("ca_file"))
     api_key_file = read.string("api_key_file", DEFAULT_API_KEY_FILE, variables=True)
     if api_key_file and not api_key_file.startswith(("/", "${")):
         api_key_file = str(base / api_key_file)  # relative to the configuration file, as ca_file
     route_keys = dict(DEFAULT_ROUTE_KEYS)
     for key, (value, path) in values.items():
         if key.startswith("route_keys."):
-            route_keys[key.removeprefix("route_keys.")] = _string(value, path, empty=False)
+            route_keys[key.removeprefix("route_keys.")] = as_string(value, path, empty=False)
     backoff, restart = ReconnectConfig(), RestartConfig()  # the defaults
     reconnect = ReconnectConfig(
         initial=read.number("reconnect.initial", backoff.initial),
@@ -349,7 +352,7 @@ def _feed(name: str, values: _Values, base: Path) -> FeedConfig:
         stats_interval=read.number("stats_interval", 5.0),
         delay_warning=read.number("delay_warning", 5.0, strict=False),
         delay_warning_after=read.number("delay_warning_after", 10.0, strict=False),
-        metrics=_address(*read.get("metrics", "")),
+        metrics=as_address(*read.get("metrics", "")),
         control_socket=_control_socket(*read.get("control_socket", "auto")),
         drain_timeout=read.number("drain_timeout", 10.0, strict=False),
         route_keys=MappingProxyType(route_keys),
@@ -359,7 +362,7 @@ def _feed(name: str, values: _Values, base: Path) -> FeedConfig:
     return feed
 
 
-def _jetstream(read: _Reader, name: str, pipes: int, base: Path) -> JetStreamConfig | None:
+def _jetstream(read: Reader, name: str, pipes: int, base: Path) -> JetStreamConfig | None:
     if not any(key.startswith("jetstream.") for key in read.values):
         return None
     if "jetstream.servers" not in read.values:
@@ -378,14 +381,14 @@ def _jetstream(read: _Reader, name: str, pipes: int, base: Path) -> JetStreamCon
                 raise ConfigError(
                     f"{path}[{index}]",
                     f"must be a pipe index from 0 to {pipes - 1} (pipes = {pipes}), "
-                    f"got {_describe(item)}",
+                    f"got {describe(item)}",
                 )
             partitions.append(item)
         if len(set(partitions)) != len(partitions):
             raise ConfigError(path, f"lists a partition twice: {value}")
     else:
         raise ConfigError(
-            path, f'must be "all" or a non-empty array of pipe indexes, got {_describe(value)}'
+            path, f'must be "all" or a non-empty array of pipe indexes, got {describe(value)}'
         )
     credentials = read.optional("jetstream.credentials_file", variables=True)
     if credentials is not None and not credentials.startswith(("/", "${")):
@@ -394,18 +397,18 @@ def _jetstream(read: _Reader, name: str, pipes: int, base: Path) -> JetStreamCon
     if not _STREAM_NAME.fullmatch(stream):
         raise ConfigError(
             read.path("jetstream.stream"),
-            f"must be letters, digits, _ and - (a JetStream stream name), got {_describe(stream)}",
+            f"must be letters, digits, _ and - (a JetStream stream name), got {describe(stream)}",
         )
     prefix = read.string("jetstream.subject_prefix", f"tradebalancer.{name}", empty=False)
     if not _SUBJECT.fullmatch(prefix):
         raise ConfigError(
             read.path("jetstream.subject_prefix"),
             f"must be dot-separated tokens of letters, digits, _ and - (no * or >), "
-            f"got {_describe(prefix)}",
+            f"got {describe(prefix)}",
         )
     create, create_path = read.get("jetstream.create", True)
     if not isinstance(create, bool):
-        raise ConfigError(create_path, f"must be true or false, got {_describe(create)}")
+        raise ConfigError(create_path, f"must be true or false, got {describe(create)}")
     return JetStreamConfig(
         servers=tuple(servers),
         stream=stream,
@@ -422,103 +425,14 @@ def _jetstream(read: _Reader, name: str, pipes: int, base: Path) -> JetStreamCon
     )
 
 
-class _Reader:
-    """Reads one feed's merged values by key, each error naming where the value was written."""
-
-    def __init__(self, name: str, values: _Values) -> None:
-        self.name = name
-        self.values = values
-
-    def get(self, key: str, default: object) -> tuple[object, str]:
-        return self.values.get(key, (default, f"feeds.{self.name}.{key}"))
-
-    def path(self, key: str) -> str:
-        return self.get(key, None)[1]
-
-    def integer(self, key: str, default: int, low: int, high: int | None, unit: str = "") -> int:
-        value, path = self.get(key, default)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int)
-            or value < low
-            or (high is not None and value > high)
-        ):
-            limits = f"from {low} to {high}" if high is not None else f"of at least {low}"
-            raise ConfigError(path, f"must be an integer {limits}{unit}, got {_describe(value)}")
-        return value
-
-    def number(
-        self,
-        key: str,
-        default: float,
-        low: float = 0.0,
-        *,
-        strict: bool = True,
-        maximum: float | None = None,
-    ) -> float:
-        value, path = self.get(key, default)
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-            above = value > low if strict else value >= low
-            if above and (maximum is None or value <= maximum):
-                return float(value)
-        limits = f"{'>' if strict else '>='} {low:g}"
-        if maximum is not None:
-            limits += f" and <= {maximum:g}"
-        raise ConfigError(path, f"must be a number {limits}, got {_describe(value)}")
-
-    def string(self, key: str, default: str, *, empty: bool = True, variables: bool = False) -> str:
-        value, path = self.get(key, default)
-        text = _string(value, path, empty)
-        if variables:
-            check_variables(text, path)
-        return text
-
-    def optional(self, key: str, *, variables: bool = False) -> str | None:
-        if self.get(key, None)[0] is None:
-            return None
-        return self.string(key, "", empty=False, variables=variables)
-
-    def choice(self, key: str, default: _Choice, choices: tuple[_Choice, ...]) -> _Choice:
-        value, path = self.get(key, default)
-        for choice in choices:
-            if value == choice:
-                return choice
-        quoted = ", ".join(f'"{choice}"' for choice in choices)
-        raise ConfigError(path, f"must be one of {quoted}, got {_describe(value)}")
-
-    def strings(
-        self,
-        key: str,
-        default: Sequence[str],
-        pattern: re.Pattern[str] | None = None,
-        what: str = "",
-        *,
-        empty: bool = False,
-    ) -> list[str]:
-        value, path = self.get(key, list(default))
-        if not isinstance(value, list) or (not empty and not value):
-            kind = "an array of strings" if empty else "a non-empty array of strings"
-            raise ConfigError(path, f"must be {kind}, got {_describe(value)}")
-        items = [_string(item, f"{path}[{index}]", False) for index, item in enumerate(value)]
-        for index, item in enumerate(items):
-            if pattern is not None and not pattern.fullmatch(item):
-                raise ConfigError(f"{path}[{index}]", f"must be {what}, got {_describe(item)}")
-        return items
-
-    def pipe_size(self) -> int | Literal["max"]:
-        if self.get("pipe_size", "max")[0] == "max":
-            return "max"
-        return self.integer("pipe_size", 0, 4096, 1 << 31, ' (bytes) or "max"')
-
-
 def _cpu_count() -> int:
     # The CPUs this process may run on (CPUAffinity=, cgroups' cpusets), not those of the host.
     return len(os.sched_getaffinity(0)) or os.cpu_count() or 1
 
 
 def _url(value: object, path: str) -> tuple[str, str, int, str, bool]:
-    url = _string(value, path, empty=False)
-    expected = f"must be a ws:// or wss:// URL like {DEFAULT_URL}, got {_describe(url)}"
+    url = as_string(value, path, empty=False)
+    expected = f"must be a ws:// or wss:// URL like {DEFAULT_URL}, got {describe(url)}"
     if _SECRET_IN_QUERY.search(url):
         # Not echoed: the URL is logged, and this is where a key must never be.
         raise ConfigError(
@@ -541,7 +455,7 @@ def _url(value: object, path: str) -> tuple[str, str, int, str, bool]:
         raise ConfigError(path, f"{expected} (no #fragment)")
     if port == 0:
         raise ConfigError(path, f"{expected} (port 0: give a port from 1 to 65535, or none)")
-    if not _valid_host(parts.hostname):
+    if not valid_host(parts.hostname):
         raise ConfigError(
             path, f"{expected} (the host {parts.hostname!r} is neither a DNS name nor an address)"
         )
@@ -550,119 +464,9 @@ def _url(value: object, path: str) -> tuple[str, str, int, str, bool]:
     return url, parts.hostname, port or (443 if secure else 80), target, secure
 
 
-def _address(value: object, path: str) -> Address | None:
-    text = _string(value, path)
-    if not text:
-        return None
-    try:
-        return parse_address(text)
-    except ValueError as exc:
-        raise ConfigError(path, str(exc)) from None
-
-
 def _control_socket(value: object, path: str) -> str:
-    text = _string(value, path, empty=False)
+    text = as_string(value, path, empty=False)
     check_variables(text, path)
     if text not in ("auto", "off") and not text.startswith(("/", "${")):
         raise ConfigError(path, f'must be "auto", "off" or an absolute path, got {text!r}')
     return text
-
-
-def _valid_host(host: str) -> bool:
-    """A DNS name (RFC 1123 labels; "_" allowed, as some internal names have it) or an
-    IPv4 or IPv6 address."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return len(host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in host.split("."))
-    return True
-
-
-def _check_ca_file(ca_file: str, path: str) -> None:
-    """Parse ``ca_file`` as ``run`` will: a bundle OpenSSL cannot load fails here, not at
-    every connection attempt forever."""
-    if not os.path.isfile(ca_file):
-        raise ConfigError(
-            path, f"must name a PEM CA bundle, got {_describe(ca_file)}, which is not a file"
-        )
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    try:
-        context.load_verify_locations(cafile=ca_file)
-    except (ssl.SSLError, OSError) as exc:
-        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
-        raise ConfigError(
-            path,
-            f"must name a PEM CA bundle, got {_describe(ca_file)}, which OpenSSL cannot load "
-            f"({reason}); point it at the PEM file of the CA that signed the feed's certificate",
-        ) from exc
-    if not context.get_ca_certs():
-        raise ConfigError(
-            path, f"must name a PEM CA bundle, got {_describe(ca_file)}, which holds no CA"
-        )
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str | list):
-        text = json.dumps(value, ensure_ascii=False, default=str)
-        return text if len(text) <= 80 else text[:77] + "..."
-    return f"{value} (a {type(value).__name__})"  # TOML dates and times
-
-
-def _table(value: object, path: str, expected: str = "a table") -> dict[str, object]:
-    if not isinstance(value, dict):
-        raise ConfigError(path, f"must be {expected}, got {_describe(value)}")
-    return value
-
-
-def _string(value: object, path: str, empty: bool = True) -> str:
-    if not isinstance(value, str) or (not empty and not value):
-        kind = "a string" if empty else "a non-empty string"
-        raise ConfigError(path, f"must be {kind}, got {_describe(value)}")
-    return value
-
-
-def _unknown_key(path: str, key: str, known: Sequence[str] | frozenset[str]) -> ConfigError:
-    if key == "api_key":
-        return ConfigError(
-            path,
-            "the API key does not belong in this file: put it in the file api_key_file names "
-            "(systemd: LoadCredential=api-key:...) or in a variable api_key_env names",
-        )
-    close = difflib.get_close_matches(key, sorted(known), n=1)
-    hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(sorted(known))}"
-    return ConfigError(path, f"unknown key; {hint}")
-
-
-def check_variables(text: str, key_path: str) -> None:
-    """Raise ConfigError if ``text`` has a ``$`` that does not start a well-formed ``${NAME}``."""
-    remainder = _VARIABLE.sub("", text)
-    if "${" in remainder:
-        bad = remainder[remainder.index("${") :]
-        raise ConfigError(
-            key_path,
-            "must write variables as ${NAME}, NAME being letters, digits and _, "
-            f"got {text!r} (at {bad[:24]!r})",
-        )
-
-
-def unset_variables(text: str, environ: Mapping[str, str]) -> list[str]:
-    """Return the names ``text`` refers to as ``${NAME}`` that ``environ`` leaves unset or empty."""
-    return [name for name in _VARIABLE.findall(text) if not environ.get(name)]
-
-
-def expand_variables(text: str, environ: Mapping[str, str], key_path: str) -> str:
-    """Return ``text`` with each ``${NAME}`` replaced from ``environ``; ConfigError if unset."""
-    unset = unset_variables(text, environ)
-    if unset:
-        raise ConfigError(
-            key_path,
-            f"{text!r} refers to ${{{unset[0]}}}, which is not set in the environment; "
-            "set it or write the path out",
-        )
-    return _VARIABLE.sub(lambda match: environ[match.group(1)], text)

@@ -27,9 +27,10 @@ import orjson
 
 from . import metrics
 from .address import Address
-from .config import FeedConfig, expand_variables
+from .config import FeedConfig
 from .listener import Client, Listener, Response, open_listener, text
 from .poller import Poller
+from .values import expand_variables
 
 __all__ = ["Endpoints", "control_path"]
 

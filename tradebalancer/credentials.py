@@ -13,8 +13,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from .config import FeedConfig, expand_variables, unset_variables
+from .config import FeedConfig
 from .errors import ConfigError
+from .values import expand_variables, unset_variables
 
 
 def resolve_api_key(feed: FeedConfig, environ: Mapping[str, str]) -> str:

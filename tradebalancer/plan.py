@@ -33,9 +33,10 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .config import FeedConfig, expand_variables
+from .config import FeedConfig
 from .ledger import LEDGER_VARIABLE
 from .reader.format import FDS_VARIABLE, FIRST_FD
+from .values import expand_variables
 
 __all__ = [
     "SCRUBBED_ENVIRONMENT",

@@ -23,12 +23,13 @@ import os
 import stat
 from collections.abc import Mapping, Sequence
 
-from .config import FeedConfig, JetStreamConfig, expand_variables, unset_variables
+from .config import FeedConfig, JetStreamConfig
 from .errors import ConfigError
 from .plan import WorkerPlan, local_workers
 from .reader import ReaderError
 from .reader.jetstream import connect_options
 from .units import format_ranges
+from .values import expand_variables, unset_variables
 
 __all__ = [
     "check_jetstream",
