@@ -259,6 +259,11 @@ class HostileFeed:
             connection.sock.shutdown(socket.SHUT_WR)
             self._hold(connection.sock)
             return True
+        elif kind == "text+close_notify":  # wss only: the frame, then TLS's end, in one segment
+            connection.send_text_and_close_notify(action[1])  # type: ignore[arg-type]
+            self._sent(index, action[1])  # type: ignore[arg-type]
+            self._stopping.wait()  # no close frame, no FIN: the socket stays open, silent
+            return True
         elif kind == "hold":
             self._hold(connection.sock, connection)
             return True
@@ -354,6 +359,20 @@ class _Connection:
             if pings and not last:
                 self.protocol.send_ping(b"between %d" % number)
             self._flush()
+
+    def send_text_and_close_notify(self, data: bytes) -> None:
+        """Send ``data`` and a TLS close_notify in one TCP segment (TCP_CORK), then nothing:
+        no close frame and no FIN, so a client that reads both at once has nothing more to
+        poll for."""
+        sock = self.sock
+        assert isinstance(sock, ssl.SSLSocket), "close_notify needs a wss feed"
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        self.protocol.send_text(data)
+        self._flush()
+        sock.setblocking(False)
+        with contextlib.suppress(ssl.SSLWantReadError):
+            sock.unwrap()  # writes the close_notify, then would wait for the client's
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
 
     def ping(self, payload: bytes) -> None:
         self.protocol.send_ping(payload)

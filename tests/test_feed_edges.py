@@ -18,6 +18,7 @@ import orjson
 import pytest
 from hostile import HostileFeed, Script, status
 from test_service import Balancer, NotifySocket, notify_socket, read_records
+from tlsca import make_ca
 
 from tradebalancer.replay import synth
 from tradebalancer.routing import pipe_for
@@ -405,6 +406,32 @@ def test_huge_frames_arrive_and_one_past_the_limit_is_a_reconnect(
     )
     assert_exactly_once(balancer, [big])
     assert "exceeds limit of 8388608 bytes; raise max_message_size" in balancer.log_text()
+
+
+def test_a_close_notify_read_with_the_last_frame_ends_the_stream_at_once(
+    tmp_path: Path, balancers: list[Balancer]
+) -> None:
+    """wss, user-space TLS: the last frame and the close_notify in one read, no FIN after.
+
+    A read short of the buffer used to end the wake-up's reads, and the close_notify behind the
+    data left the poll nothing to signal: the end waited for the keepalive (40 s).
+    """
+    ca, cert, key = make_ca(tmp_path / "ca")
+    frames = trades(400, seed=23)
+    actions = [*(("text", frame) for frame in frames[:-1]), ("text+close_notify", frames[-1])]
+    script = Script(actions=actions, close_after_stream=False, replay=False)
+    with HostileFeed(script, certfile=str(cert), keyfile=str(key)) as feed:
+        balancer = Balancer(tmp_path, feed.url, pipes=PIPES, workers=1, extra=f'ca_file = "{ca}"')
+        balancers.append(balancer)
+        balancer.wait_for(lambda: "reconnecting in" in balancer.log_text(), 15, "the reconnect")
+        want = expected(frames)
+        balancer.wait_for(lambda: count(delivered(balancer)) >= count(want), 30, "every event")
+        assert balancer.stop() == 0
+    assert_exactly_once(balancer, frames)
+    log = balancer.log_text()
+    assert "TLS: user" in log
+    assert "the feed closed the connection without a close frame; reconnecting in" in log
+    assert "no pong" not in log
 
 
 def test_a_close_while_reading_is_paused_is_noticed_at_once_and_nothing_is_lost(

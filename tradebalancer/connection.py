@@ -142,7 +142,8 @@ class FeedConnection:
 
         One read is one batch. The status events ``forward`` finds inside data frames come
         back here and go to the feed. Returns whether another read may bring more: only when
-        this one filled the buffer.
+        this one filled the buffer, or reached the end of the stream (which the next read
+        returns).
         """
         if self._connector is not None:
             self._step_connector(now)
@@ -169,8 +170,9 @@ class FeedConnection:
                 # A read that left space found the socket drained (user-space TLS reads on
                 # until the socket has nothing): the poll, not one more read, says when more
                 # is there. The read that would say EAGAIN cost a system call and an exception
-                # a wake-up.
-                again = count == space and not feed.closed
+                # a wake-up. But a close_notify read behind the data leaves the poll nothing
+                # to signal: the next read returns the end of the stream at once.
+                again = (count == space or transport.at_eof) and not feed.closed
         messages = feed.messages_received()
         if messages:
             for event in forward(messages, now):

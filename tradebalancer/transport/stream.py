@@ -80,9 +80,11 @@ class Transport:
 
         Non-blocking: raises BlockingIOError when nothing is available now (poll, then call
         again), TransportError when the connection or the TLS session broke. A count short of
-        ``len(buffer)`` means the socket was drained then, and poll says when more is there:
-        user-space TLS reads on until the socket has nothing, so that no decrypted data is left
-        where the poll cannot see it.
+        ``len(buffer)`` means the socket was drained then, and poll says when more is there
+        (user-space TLS reads on until the socket has nothing, so that no decrypted data is
+        left where the poll cannot see it), unless the read reached the end of the stream
+        (``at_eof``): a close_notify read behind the data leaves nothing for the poll to
+        signal, and the next call returns 0.
         """
         if self._eof:
             return 0
@@ -101,6 +103,11 @@ class Transport:
         if count == 0:
             self._eof = True
         return count
+
+    @property
+    def at_eof(self) -> bool:
+        """Whether a read reached the end of the stream (the next one returns 0)."""
+        return self._eof
 
     def _receive_user(self, buffer: memoryview) -> int:
         session = self._session
