@@ -260,8 +260,8 @@ class Feed:
                     self._receive_message(bytes(payload), now)
             if self.phase is Phase.CLOSED:
                 return
-        if websocket.ended is not None:
-            self._close(*websocket.ended)
+        if (ended := websocket.ended) is not None:
+            self._close(ended.error, ended.kind)
 
     def _receive_message(self, message: bytes, now: float) -> None:
         # Status messages are small and say so in their first bytes, in whatever layout; a data

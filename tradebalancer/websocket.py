@@ -7,18 +7,19 @@ come out as ``Run`` views, uncopied, while websockets sees every other frame who
 messages, fragments, pings, the close). Fragmented messages are put back together here, pings
 are sent and their pongs matched. It never reads the clock and never raises on bad input from
 the peer: what ended the websocket (an upgrade refused, a protocol error, the peer's close or
-end of stream) is kept in ``ended`` as a ``FeedError`` and a kind, for the feed to take.
+end of stream) is kept in ``ended`` (a ``FeedError`` and a kind), for the feed to take.
 Must not touch: what the messages mean (the feed's statuses, the handshake, the
 subscriptions: feed.py), the socket, the routing.
 
 Why apart from feed.py: the framing and the conversation change for different reasons (a
-faster path through the frames, a new kind of status) and are tested apart, the framing
-table-driven in test_frames.py and the conversation in test_feed.py.
+faster path through the frames, a new kind of status) and are tested apart: this module in
+test_websocket.py against websockets' server, the frame walk in test_frames.py, the
+conversation in test_feed.py.
 """
 
 from __future__ import annotations
 
-from typing import cast
+from typing import NamedTuple, cast
 
 from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidHandshake, PayloadTooBig
@@ -30,7 +31,15 @@ from websockets.uri import WebSocketURI
 from .errors import FeedError
 from .frames import Deframer, Run
 
-__all__ = ["Message", "Websocket"]
+__all__ = ["Ended", "Message", "Websocket"]
+
+
+class Ended(NamedTuple):
+    """Why the websocket is over."""
+
+    error: FeedError
+    kind: str  # the Outcome kind: upgrade_refused, protocol_error, feed_closed
+
 
 # What a read completes: a message's bytes, or a run of plain frames whose payloads are
 # messages, still in the caller's buffer (valid until its next read).
@@ -58,7 +67,7 @@ class Websocket:
         request.headers["User-Agent"] = user_agent
         self._protocol.send_request(request)
         self.upgraded = False  # the server switched protocols (101)
-        self.ended: tuple[FeedError, str] | None = None  # why, and the Outcome kind
+        self.ended: Ended | None = None
         self._messages: list[Message] = []
         self._fragments: list[bytes] = []
         # Until the upgrade response's head ends, the last bytes seen (a head whose end spans
@@ -87,21 +96,22 @@ class Websocket:
                 return self._take()
             data = rest
         # Frames websockets must see are handed over together when they come together, as a
-        # status and a close frame read at once.
+        # status and a close frame read at once. The whole read is framed before the feed
+        # looks at any message: a close frame read behind a status is known first, and the
+        # feed's answer to that status is then not sent (the websocket is closing).
         pending: list[memoryview] = []
         for piece in self._deframer.split(data):
             if type(piece) is Run:
                 if pending and not self._hand_over(pending):
-                    break
+                    return self._take()  # it ended: the rest of the read is not looked at
                 if not self._fragments:
                     self._messages.append(piece)
                     continue
                 # A data frame inside a fragmented message: websockets says it is an error.
                 piece = piece.view
             pending.append(cast(memoryview, piece))
-        else:
-            if pending:
-                self._hand_over(pending)
+        if pending:
+            self._hand_over(pending)
         return self._take()
 
     def receive_eof(self) -> list[Message]:
@@ -269,7 +279,7 @@ class Websocket:
 
     def _end(self, error: FeedError, kind: str) -> None:
         if self.ended is None:
-            self.ended = (error, kind)
+            self.ended = Ended(error, kind)
 
     def _closed_reason(self, what: str) -> str:
         rcvd = self._protocol.close_rcvd
