@@ -42,10 +42,11 @@ Guarantees, and how they are kept
   must be exactly once keeps its own record beside them. Without a cursor the guarantee is at
   least once: after a crash the whole last batch may be delivered again.
 * Events lost before JetStream stored them (a bridge killed with SIGKILL: the balancer counts
-  them as not delivered) show as a jump in the events' numbers (``format.EVENT_HEADER``). The
-  source logs each jump it sees once, with the numbers missing, and counts them in
-  ``missing`` (per partition); the events around it are delivered as they are. Only jumps
-  between messages this source reads are seen: not one across its own restart.
+  them as not delivered), or discarded by the stream's limits before this reader got to them,
+  show as a jump in the events' numbers (``format.EVENT_HEADER``). The source logs each jump
+  it sees once, with the numbers missing, and counts them in ``missing`` (per partition); the
+  events around it are delivered as they are. Only jumps between messages this source reads
+  are seen: not one across its own restart.
 """
 
 from __future__ import annotations
@@ -369,8 +370,8 @@ class JetStreamSource:
     def _check_numbers(self, partition: int, headers: dict[str, str] | None, count: int) -> None:
         """Log and count a jump in the partition's event numbers (events never stored)."""
         number = (headers or {}).get(EVENT_HEADER, "")
-        if not number.isdigit():
-            return  # an older bridge's message: no number to check
+        if not (number.isascii() and number.isdecimal()):
+            return  # an older bridge's message, or not the bridge's: no number to check
         last, before = int(number), self._numbers.get(partition)
         first = last - count + 1
         if before is not None and first > before + 1:
@@ -378,7 +379,8 @@ class JetStreamSource:
             self.missing[partition] = self.missing.get(partition, 0) + lost
             logger.warning(
                 "%d event(s) of partition %d are missing from stream %s (numbers %d-%d): lost "
-                "before JetStream stored them; the balancer counted them as not delivered",
+                "before JetStream stored them (the balancer counted them as not delivered), or "
+                "discarded by the stream's max_age or max_bytes before this reader got to them",
                 lost,
                 partition,
                 self.stream,
