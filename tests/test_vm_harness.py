@@ -201,7 +201,7 @@ def test_kernel_panic_is_named_by_its_first_oops_and_the_panic_line() -> None:
     assert kernel_panic(PANICKED_CONSOLE.replace("Kernel panic", "kernel text")) is None
 
 
-def test_debian_13_boots_with_one_vcpu(tmp_path: Path) -> None:
+def test_qemu_gives_debian_13_one_vcpu(tmp_path: Path) -> None:
     """Two vCPUs under qemu 7.2's TCG panicked Debian 13's kernel in about one boot in ten
     (PANICKED_CONSOLE: a stale int3 after a static key flip); one cannot race itself."""
 

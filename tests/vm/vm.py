@@ -91,9 +91,6 @@ OUTPUT_NAME = "output.log"
 EXIT_CODE_NAME = "exit-code"
 CONSOLE_NAME = "console.log"
 QEMU_LOG_NAME = "qemu.log"
-# panic=-1 with qemu -no-reboot turns a guest panic into an immediate qemu exit instead of a
-# hang until the timeout. mitigations=off: the guest is throw-away and TCG pays for every
-# barrier. systemd.firstboot=off: the image has a machine-id, never prompt.
 # vCPUs per suite. Debian 13's kernel gets one: with two, qemu 7.2's TCG (a host thread per
 # vCPU, translated code shared between them) panicked it in about one boot in ten (9 boots in a
 # row on an idle host: one panic): a static key flipped at boot ("sched_clock: Marking stable")
@@ -101,6 +98,9 @@ QEMU_LOG_NAME = "qemu.log"
 # int3". One vCPU cannot race itself. Debian 12's kernel never did in well over a hundred
 # boots, and its stop stress takes 0.6x the time on two (146 s against 278 s).
 GUEST_CPUS = {"bookworm": 2, "trixie": 1}
+# panic=-1 with qemu -no-reboot turns a guest panic into an immediate qemu exit instead of a
+# hang until the timeout. mitigations=off: the guest is throw-away and TCG pays for every
+# barrier. systemd.firstboot=off: the image has a machine-id, never prompt.
 KERNEL_COMMAND_LINE = (
     "console=ttyS0,115200 root=/dev/vda rootfstype=ext4 rw panic=-1 mitigations=off "
     "systemd.firstboot=off"
@@ -321,7 +321,7 @@ def qemu_command(
         "-machine",
         "q35",
         "-smp",
-        str(cpus or GUEST_CPUS[image.suite]),
+        str(cpus or GUEST_CPUS.get(image.suite, 2)),
         "-m",
         str(memory_mb),
         "-nodefaults",
