@@ -6,9 +6,9 @@ the warmer caches and the machine's next mood, so each side goes first in half t
 reading each run's result whatever the revision's age (``bench.json`` or the JSON line its
 stdout ends with), the per-pair B/A ratios at each pipe count (throughput and CPU per trade,
 and with ``--paced`` the paced run's CPU per trade and p50 and p99 latency), and their
-summary: the median of the ratios and in how many pairs B was ahead. A ratio within one pair is the only figure
-worth reading on a machine whose speed drifts by a third within an hour; a run's figures
-alone are shown for the record.
+summary: the median of the ratios and in how many pairs B was ahead. A ratio within one
+pair is the only figure worth reading on a machine whose speed drifts by a third within an
+hour; a run's figures alone are shown for the record.
 
 Runs nothing and reads no clock; imports nothing of the benchmark, so that a test can feed it
 results built by hand.
@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SIDES = ("A", "B")
+PACED_CPU = "paced_cpu_ns_per_trade"
+PACED_FIGURES = frozenset({PACED_CPU, "p50_us", "p99_us"})  # from the paced run
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class Figures:
     paced_cpu_ns_per_trade: float | None = None
     p50_us: float | None = None
     p99_us: float | None = None
+    paced_verified: bool = True
 
     @property
     def paced(self) -> bool:
@@ -55,10 +58,14 @@ class Pair:
     problems: dict[str, str] = field(default_factory=dict)  # side -> why it has no figures
 
     def ratio(self, pipes: int, name: str) -> float | None:
-        """B's figure ``name`` over A's at ``pipes`` pipes; None unless both are verified."""
+        """B's figure ``name`` over A's at ``pipes`` pipes; None unless both runs it comes
+        from (the throughput run, or the paced run for a paced figure) are verified."""
         a = self.figures.get("A", {}).get(pipes)
         b = self.figures.get("B", {}).get(pipes)
-        if a is None or b is None or not (a.verified and b.verified):
+        if a is None or b is None:
+            return None
+        verified = "paced_verified" if name in PACED_FIGURES else "verified"
+        if not (getattr(a, verified) and getattr(b, verified)):
             return None
         top, bottom = getattr(b, name), getattr(a, name)
         if top is None or not bottom:
@@ -92,22 +99,21 @@ def figures_of(result: Mapping[str, Any]) -> dict[int, Figures]:
     for entry in result.get("configurations") or ():
         if entry.get("tls") or not str(entry.get("name", "")).startswith("ws-"):
             continue
-        verified = bool(entry.get("verified", False))
         paced: dict[str, Any] = {}
         runs = entry.get("latency") or {}
         if runs:  # the slowest rate: where a wake-up's cost shows most
             label, run = min(runs.items(), key=lambda item: _number(item[1].get("rate")) or 0)
-            verified = verified and bool(run.get("verified", False))
             paced = {
                 "paced_rate": str(label),
                 "paced_cpu_ns_per_trade": _number(run.get("balancer_cpu_ns_per_trade")),
                 "p50_us": _number(run.get("p50_us")),
                 "p99_us": _number(run.get("p99_us")),
+                "paced_verified": bool(run.get("verified", False)),
             }
         found[int(entry["pipes"])] = Figures(
             _number(entry.get("trades_per_s")),
             _number(entry.get("balancer_cpu_ns_per_trade")),
-            verified,
+            bool(entry.get("verified", False)),
             **paced,
         )
     return found
@@ -131,6 +137,7 @@ class Summary:
     b_faster: int  # pairs where B moved more trades per second
     b_cheaper: int  # pairs where B spent less CPU per trade
     # The paced runs' (None without them): CPU per trade, p50 and p99 latency.
+    paced_pairs: int = 0  # pairs with both sides' paced runs verified
     paced_cpu_ratio: float | None = None
     p50_ratio: float | None = None
     p99_ratio: float | None = None
@@ -152,14 +159,12 @@ def summarize(pairs: Sequence[Pair], pipes: int) -> Summary:
         cpu_ratio=_median(cpus),
         b_faster=sum(r > 1 for r in rates),
         b_cheaper=sum(r < 1 for r in cpus),
+        paced_pairs=len(paced),
         paced_cpu_ratio=_median(paced),
         p50_ratio=_median(p50),
         p99_ratio=_median(p99),
         b_cheaper_paced=sum(r < 1 for r in paced),
     )
-
-
-PACED_CPU = "paced_cpu_ns_per_trade"
 
 
 def _median(values: Sequence[float]) -> float | None:
@@ -183,7 +188,8 @@ def _paced(figures: Figures | None) -> str:
     cpu = figures.paced_cpu_ns_per_trade
     p50, p99 = figures.p50_us, figures.p99_us
     latency = "-" if p50 is None or p99 is None else f"{p50:.0f}/{p99:.0f} us"
-    return f"{figures.paced_rate} {'-' if cpu is None else f'{cpu:.0f} ns'} {latency}"
+    mark = "" if figures.paced_verified else " (NOT verified)"
+    return f"{figures.paced_rate} {'-' if cpu is None else f'{cpu:.0f} ns'} {latency}{mark}"
 
 
 def _ratio(value: float | None) -> str:
@@ -216,8 +222,8 @@ def render_pair(pair: Pair, pipe_counts: Sequence[int]) -> str:
         if any(f is not None and f.paced for f in (a_figures, b_figures)):
             lines.append(
                 f"{'':>10} {'paced':>5}  {_paced(a_figures):>21}  {_paced(b_figures):>21}  "
-                f"{'p50 ' + _ratio(pair.ratio(pipes, 'p50_us')):>12} "
-                f"{_ratio(pair.ratio(pipes, PACED_CPU)):>8} "
+                f"B/A CPU {_ratio(pair.ratio(pipes, PACED_CPU))} "
+                f"p50 {_ratio(pair.ratio(pipes, 'p50_us'))} "
                 f"p99 {_ratio(pair.ratio(pipes, 'p99_us'))}"
             )
     lines.extend(f"     {side} failed: {problem}" for side, problem in pair.problems.items())
@@ -239,7 +245,7 @@ def render_summary(summaries: Sequence[Summary], total: int) -> str:
         if s.paced_cpu_ratio is not None:
             lines.append(
                 f"  {s.pipes:>3} pipes, paced: CPU per trade median {_ratio(s.paced_cpu_ratio)}, "
-                f"B cheaper in {s.b_cheaper_paced} of {s.pairs}; latency p50 median "
+                f"B cheaper in {s.b_cheaper_paced} of {s.paced_pairs}; latency p50 median "
                 f"{_ratio(s.p50_ratio)}, p99 median {_ratio(s.p99_ratio)}"
             )
     return "\n".join(lines) + "\n"

@@ -188,7 +188,7 @@ def test_paced_runs_are_paired_at_their_lowest_rate() -> None:
     assert line.split() == [
         *("paced", "100k", "500", "ns", "200/400", "us"),
         *("100k", "450", "ns", "180/380", "us"),
-        *("p50", "0.900", "0.900", "p99", "0.950"),
+        *("B/A", "CPU", "0.900", "p50", "0.900", "p99", "0.950"),
     ]
     summary = pairs.summarize(done, 4)
     assert summary.paced_cpu_ratio == pytest.approx(0.9)  # of 0.9, 1.04 and 0.8
@@ -197,6 +197,15 @@ def test_paced_runs_are_paired_at_their_lowest_rate() -> None:
     text = pairs.render_summary([summary], 3)
     assert "4 pipes, paced: CPU per trade median 0.900, B cheaper in 2 of 3" in text
     assert "paced" not in pairs.render_pair(pair(1, {4: (4e6, 2.0)}, {4: (4e6, 2.0)}), [4])
+    # A paced run not verified loses its own ratios, not the throughput run's.
+    unverified = paced_result(200.0, {"100k": (400.0, 180.0, 380.0)})
+    unverified["configurations"][0]["latency"]["100k"]["verified"] = False
+    bad = pairs.Pair(4, "B", {"A": a, "B": pairs.figures_of(unverified)})
+    assert bad.ratio(4, "cpu_ns_per_trade") == 1.0
+    assert bad.ratio(4, pairs.PACED_CPU) is None and bad.ratio(4, "p99_us") is None
+    assert "(NOT verified)" in pairs.render_pair(bad, [4])
+    summary = pairs.summarize([*done, bad], 4)
+    assert (summary.pairs, summary.paced_pairs) == (4, 3)
 
 
 HELP = """usage: python -m bench [-h] [--quick] [--repeat REPEAT] [--trades TRADES]
@@ -315,7 +324,7 @@ def test_a_real_paced_pair_of_head_against_the_working_tree() -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert "--no-latency" not in done.stderr and "--rates 100000" in done.stderr
     paced = next(line for line in done.stdout.splitlines() if line.split()[:2] == ["paced", "100k"])
-    assert paced.count(" us") == 2 and "p99" in paced
+    assert paced.count(" us") == 2 and "B/A CPU" in paced and "p99" in paced
     assert "4 pipes, paced: CPU per trade median" in done.stdout
     document = json.loads(done.stdout.splitlines()[-1])
     assert document["summary"][0]["paced_cpu_ratio"] is not None
