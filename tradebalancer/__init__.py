@@ -7,12 +7,15 @@ the import graph to it: nothing imports upward, no circle):
                     with its C loop), Reader, a sample worker; imports nothing of the rest
     errors.py       the error tree and the exit codes; units.py sizes for humans
     routing.py      symbol -> pipe, the C original's FNV-1a mapping; which member is the key
-    config.py       the TOML file -> frozen dataclasses; credentials.py the API key
+    config.py       the TOML file -> frozen dataclasses (values.py reads and checks each
+                    value); credentials.py the API key
     command.py      the worker command, an argv from jinja2 templates
     plan.py         a feed -> each worker's pipes, argv, directory and environment
     transport/      the one owner of the socket: connect without blocking, TLS, kernel TLS
-    feed.py         the feed's protocol, sans-I/O: its handshake a transition table
-    split.py        a frame -> each event's exact bytes, routed (_fastsplit.c its loop in C)
+    feed.py         the feed's protocol, sans-I/O: its handshake a transition table, over
+                    websocket.py (the upgrade, frames.py's frames read in place, keepalive)
+    split.py        a frame -> each event's exact bytes, routed (_fastsplit.c its loop in C,
+                    pysplit.py the Python paths, the reference and the fallback)
     pipes.py        the pipes: sizes, one write per pipe per batch, backlogs (PipeSet)
     workers.py      spawning, reaping and respawning the worker processes
     connection.py   one connection: connector, transport and feed, and why it ended

@@ -222,7 +222,8 @@ class Service:
             if not again:
                 break
         else:
-            # User-space TLS may hold decrypted bytes the socket no longer signals: come back.
+            # Every read filled the buffer: more may wait, on any transport. Serve the timers
+            # and the pipes first, then come back without waiting for the poll.
             self._more_to_read = True
         if self.pipes.backlog_bytes:
             for pipe in self.pipes.backlogged():
