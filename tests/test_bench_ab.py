@@ -278,15 +278,10 @@ def _in_git() -> bool:
     return done.returncode == 0
 
 
-@pytest.mark.skipif(not _in_git(), reason="needs the source tree's git repository")
-@pytest.mark.timeout(300)  # the first run builds HEAD's venv; later ones take it from the cache
-def test_a_real_pair_of_head_against_the_working_tree() -> None:
-    """bench.ab builds HEAD, runs one short pair against the working tree, removes its tree."""
+def run_ab(*options: str) -> subprocess.CompletedProcess[str]:
+    """One pair of ``python -m bench.ab HEAD`` against the working tree; it must succeed."""
     done = subprocess.run(
-        [
-            *(sys.executable, "-m", "bench.ab", "HEAD", "--pairs", "1"),
-            *("--trades", "200000", "--pipes", "4", "--pool", "200000", "--no-ceiling"),
-        ],
+        [sys.executable, "-m", "bench.ab", "HEAD", "--pairs", "1", *options],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -294,6 +289,14 @@ def test_a_real_pair_of_head_against_the_working_tree() -> None:
         timeout=280,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.skipif(not _in_git(), reason="needs the source tree's git repository")
+@pytest.mark.timeout(300)  # the first run builds HEAD's venv; later ones take it from the cache
+def test_a_real_pair_of_head_against_the_working_tree() -> None:
+    """bench.ab builds HEAD, runs one short pair against the working tree, removes its tree."""
+    done = run_ab("--trades", "200000", "--pipes", "4", "--pool", "200000", "--no-ceiling")
     lines = done.stdout.splitlines()
     row = next(line for line in lines if line.split()[:3] == ["1", "A", "4"])
     assert row.count("M/s") == 2
@@ -310,18 +313,7 @@ def test_a_real_pair_of_head_against_the_working_tree() -> None:
 @pytest.mark.timeout(300)
 def test_a_real_paced_pair_of_head_against_the_working_tree() -> None:
     """bench.ab --paced pairs a paced run too: each side's CPU per trade and latency, B/A."""
-    done = subprocess.run(
-        [
-            *(sys.executable, "-m", "bench.ab", "HEAD", "--pairs", "1", "--paced"),
-            *("--trades", "100000", "--pool", "200000", "--latency-seconds", "1"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=280,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_ab("--paced", "--trades", "100000", "--pool", "200000", "--latency-seconds", "1")
     assert "--no-latency" not in done.stderr and "--rates 100000" in done.stderr
     paced = next(line for line in done.stdout.splitlines() if line.split()[:2] == ["paced", "100k"])
     assert paced.count(" us") == 2 and "B/A CPU" in paced and "p99" in paced
